@@ -1,0 +1,31 @@
+"""The one drafter interface: running sequences and a budget in, one token tree per sequence out."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from specserve.tree import TokenTree
+
+
+@dataclass(frozen=True)
+class DraftRequest:
+    seq_id: str
+    token_ids: Sequence[int]  # the whole sequence; its last token is the tree's root
+    max_tree_tokens: int  # draft nodes allowed, root not counted (>= 0)
+    max_depth: int  # longest draft path allowed (>= 0)
+
+
+class Drafter(Protocol):
+    def propose(self, requests: list[DraftRequest]) -> list[TokenTree]:
+        """One tree per request, rooted at its last token, within its budget."""
+        ...
+
+    def commit(self, seq_id: str, num_committed: int) -> None:
+        """The target committed ``num_committed`` tokens of this sequence: roll own state back to them."""
+        ...
+
+    def release(self, seq_id: str) -> None:
+        """The sequence is gone: free everything kept for it."""
+        ...

@@ -1,0 +1,3 @@
+from specserve.cli.main import main
+
+raise SystemExit(main())

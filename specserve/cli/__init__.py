@@ -1,0 +1,1 @@
+"""Command line: ``specserve generate`` and ``specserve serve``."""

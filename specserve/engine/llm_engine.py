@@ -1,0 +1,241 @@
+"""The engine: add requests, call ``step`` until done, read ``RequestOutput``s.
+
+One step = schedule -> propose -> one target forward over every sequence's tree ->
+verify -> accept -> commit -> detokenize. Prefill chunks ride in the same forward as chains.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterable
+
+import torch
+
+from draft_models.base import Drafter
+from specserve.cache.kv_cache import KVCache, choose_num_blocks
+from specserve.cache.kv_cache_manager import KVCacheManager
+from specserve.config import EngineConfig, SamplingParams
+from specserve.engine.detokenizer import IncrementalDetokenizer
+from specserve.engine.drafters import make_drafter
+from specserve.engine.model_runner import ModelRunner, TreeBatchItem
+from specserve.engine.outputs import RequestOutput
+from specserve.engine.scheduler import Scheduler
+from specserve.engine.sequence import Sequence, SequenceStatus
+from specserve.engine.speculative import accept, commit, propose, verify
+from specserve.errors import RequestError
+from specserve.models.loader import LoadedModel, load_model
+from specserve.tree import TokenTree
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        self.config = config
+        self.loaded = loaded if loaded is not None else load_model(config.model)
+        self.tokenizer = self.loaded.tokenizer
+        arch = self.loaded.arch
+        cache_cfg = config.cache
+        num_blocks = choose_num_blocks(arch, cache_cfg, self.loaded.dtype, self.loaded.device)
+        self.kv_manager = KVCacheManager(num_blocks, cache_cfg.block_size, cache_cfg.enable_prefix_caching)
+        self.kv_cache = KVCache(
+            arch.num_layers, num_blocks, cache_cfg.block_size, arch.num_kv_heads, arch.head_dim,
+            self.loaded.dtype, self.loaded.device,
+        )
+        self.runner = ModelRunner(self.loaded.model, self.kv_cache, self.kv_manager)
+        self.scheduler = Scheduler(config.scheduler, self.kv_manager)
+        self.drafter: Drafter | None = make_drafter(config.speculative, self.loaded)
+        self.num_draft_slots = config.speculative.max_tree_tokens if self.drafter else 0
+        self.sequences: dict[str, Sequence] = {}
+        self.seed_rng = random.Random(config.model.seed)
+        self.request_counter = 0
+
+    @property
+    def max_model_len(self) -> int:
+        return self.loaded.max_model_len
+
+    @property
+    def num_kv_tokens(self) -> int:
+        return self.kv_manager.pool.num_blocks * self.kv_manager.block_size
+
+    # ---- requests -----------------------------------------------------------------------
+
+    def tokenize(self, prompt: str) -> list[int]:
+        return self.tokenizer.encode(prompt, add_special_tokens=True)
+
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise RequestError (one sentence: what is wrong, what to do) for a request we cannot serve."""
+        num_prompt = len(prompt_token_ids)
+        if num_prompt == 0:
+            raise RequestError("the prompt is empty: send at least one token of text", "prompt")
+        vocab = self.loaded.arch.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_token_ids):
+            raise RequestError(f"prompt token ids must be integers in [0, {vocab})", "prompt")
+        total = num_prompt + params.max_tokens
+        if total > self.max_model_len:
+            raise RequestError(
+                f"the prompt has {num_prompt} tokens and max_tokens is {params.max_tokens}: "
+                f"{total} tokens exceed the model's context of {self.max_model_len}; "
+                "shorten the prompt or lower max_tokens",
+                "max_tokens" if num_prompt < self.max_model_len else "prompt",
+            )
+        needed = total + self.num_draft_slots
+        if self.kv_manager.num_blocks_for(needed) > self.kv_manager.pool.num_blocks:
+            raise RequestError(
+                f"the prompt ({num_prompt} tokens) plus max_tokens ({params.max_tokens}) needs "
+                f"more KV cache than the pool holds ({self.num_kv_tokens} tokens); lower max_tokens "
+                "or start the engine with a larger KV cache",
+                "max_tokens",
+            )
+
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        arrival_time: float | None = None,
+    ) -> str:
+        prompt_token_ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        self.check_request(prompt_token_ids, params)
+        if request_id is None:
+            request_id = f"req-{self.request_counter}"
+        if request_id in self.sequences:
+            raise RequestError(f"request id {request_id!r} is already in use", "request_id")
+        self.request_counter += 1
+        seed = params.seed if params.seed is not None else self.seed_rng.getrandbits(63)
+        generator = torch.Generator(device=self.loaded.device).manual_seed(seed)
+        seq = Sequence(
+            request_id=request_id,
+            token_ids=prompt_token_ids,
+            num_prompt_tokens=len(prompt_token_ids),
+            params=params,
+            generator=generator,
+            detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.stop),
+            arrival_time=time.perf_counter() if arrival_time is None else arrival_time,
+        )
+        self.sequences[request_id] = seq
+        self.scheduler.add(seq)
+        return request_id
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its blocks; None if it is unknown or already finished."""
+        seq = self.sequences.get(request_id)
+        if seq is None:
+            return None
+        seq.finish_reason = "abort"
+        return self._finish(seq, [])
+
+    def has_unfinished(self) -> bool:
+        return bool(self.sequences)
+
+    # ---- the step -----------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        if not self.sequences:
+            return []
+        plan = self.scheduler.schedule(self.num_draft_slots)
+        self.kv_cache.copy_blocks(plan.block_copies)
+        if not plan.scheduled:
+            return []
+        prefills = [s for s in plan.scheduled if s.is_prefill]
+        decodes = [s for s in plan.scheduled if not s.is_prefill]
+        items: list[TreeBatchItem] = []
+        for s in prefills:
+            chunk = s.seq.token_ids[s.seq.num_computed : s.seq.num_computed + s.num_slots]
+            items.append(TreeBatchItem(s.seq.request_id, s.seq.num_computed, TokenTree.chain(chunk)))
+        decode_seqs = [s.seq for s in decodes]
+        trees = propose(self.drafter, decode_seqs, [s.num_slots for s in decodes])
+        items += [TreeBatchItem(seq.request_id, seq.num_computed, tree) for seq, tree in zip(decode_seqs, trees)]
+
+        # logits: the last row of a prefill chunk that completes its prompt, every decode tree row
+        logit_rows: list[int] = []
+        sampling_prefills, middle_chunks = [], []
+        row = 0
+        for s, item in zip(prefills, items):
+            row += item.tree.num_nodes
+            if s.seq.num_computed + s.num_slots == len(s.seq.token_ids):
+                logit_rows.append(row - 1)
+                sampling_prefills.append((s.seq, item.tree))
+            else:
+                middle_chunks.append(s)
+        logit_rows += list(range(row, row + sum(t.num_nodes for t in trees)))
+        logits, _ = self.runner.run(items, logit_rows)
+        for s in middle_chunks:  # nothing to sample yet: the chunk's K/V are simply committed
+            s.seq.num_computed += s.num_slots
+            self.kv_manager.register_committed(s.seq.request_id, s.seq.token_ids, s.seq.num_computed)
+
+        # a completed prompt is a chain whose every node is accepted; its last row samples the bonus
+        last_rows = [TokenTree((tree.token_ids[-1],), (-1,)) for _, tree in sampling_prefills]
+        prefill_seqs = [seq for seq, _ in sampling_prefills]
+        results = verify(prefill_seqs + decode_seqs, last_rows + trees, logits)
+        now = time.perf_counter()
+        outputs = []
+        for i, seq in enumerate(prefill_seqs + decode_seqs):
+            result = results[i]
+            if i < len(prefill_seqs):
+                tree = last_rows[i]
+                prefix_len = len(seq.token_ids) - 1
+                seq.num_computed = prefix_len  # the chain's K/V already sit in order
+            else:
+                tree = trees[i - len(prefill_seqs)]
+                prefix_len = seq.num_computed
+                seq.spec.record(tree.num_nodes - 1, len(result.accepted_nodes) - 1)
+            new_tokens = accept(seq, tree, result, self.loaded.eos_token_ids)
+            seq.token_ids.extend(new_tokens)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            seq.detokenizer.append(new_tokens)
+            if seq.detokenizer.stop_hit is not None:
+                seq.finish_reason, seq.stop_reason = "stop", seq.detokenizer.stop_hit
+            if seq.finish_reason is not None:
+                outputs.append(self._finish(seq, new_tokens))
+                continue
+            commit(self.kv_manager, self.kv_cache, seq, prefix_len, result.accepted_nodes)
+            if self.drafter is not None:
+                self.drafter.commit(seq.request_id, seq.num_computed)
+            outputs.append(self._output(seq, new_tokens))
+        return outputs
+
+    def _output(self, seq: Sequence, new_tokens: list[int], finish_time: float | None = None) -> RequestOutput:
+        finished = seq.status == SequenceStatus.FINISHED
+        return RequestOutput(
+            request_id=seq.request_id,
+            text=seq.detokenizer.emittable(finished),
+            token_ids=list(seq.generated_ids),
+            new_token_ids=new_tokens,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            finished=finished,
+            finish_reason=seq.finish_reason,
+            num_steps=seq.spec.num_steps,
+            num_draft_tokens=seq.spec.num_draft_tokens,
+            num_accepted_tokens=seq.spec.num_accepted_tokens,
+            accepted_per_depth=list(seq.spec.accepted_per_depth),
+            arrival_time=seq.arrival_time,
+            first_token_time=seq.first_token_time,
+            finish_time=finish_time,
+        )
+
+    def _finish(self, seq: Sequence, new_tokens: list[int]) -> RequestOutput:
+        self.scheduler.remove(seq)
+        if self.drafter is not None:
+            self.drafter.release(seq.request_id)
+        seq.status = SequenceStatus.FINISHED
+        del self.sequences[seq.request_id]
+        return self._output(seq, new_tokens, finish_time=time.perf_counter())
+
+    # ---- offline convenience ------------------------------------------------------------
+
+    def generate(
+        self, prompts: Iterable[str | list[int]], params: SamplingParams | list[SamplingParams]
+    ) -> list[RequestOutput]:
+        """Run prompts to completion together (continuous batching); outputs in prompt order."""
+        prompts = list(prompts)
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        for prompt, p in zip(prompts, params_list):
+            self.check_request(self.tokenize(prompt) if isinstance(prompt, str) else list(prompt), p)
+        ids = [self.add_request(prompt, p) for prompt, p in zip(prompts, params_list)]
+        finals: dict[str, RequestOutput] = {}
+        while len(finals) < len(ids):
+            for out in self.step():
+                if out.finished:
+                    finals[out.request_id] = out
+        return [finals[i] for i in ids]

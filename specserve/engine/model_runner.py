@@ -1,0 +1,95 @@
+"""Runs the target model over one step's token trees: builds the inputs, calls forward, returns logits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from specserve.cache.kv_cache import KVCache
+from specserve.cache.kv_cache_manager import KVCacheManager
+from specserve.models.attention import AttentionMetadata
+from specserve.models.llama import LlamaForCausalLM
+from specserve.tree import TokenTree
+
+
+@dataclass(frozen=True)
+class TreeBatchItem:
+    seq_id: str
+    prefix_len: int  # tokens already cached for this sequence
+    tree: TokenTree
+
+
+@dataclass(frozen=True)
+class ModelInputs:
+    input_ids: torch.Tensor  # [num_tokens] int64
+    positions: torch.Tensor  # [num_tokens] int64
+    meta: AttentionMetadata
+    cu_tree_lens: list[int]  # [num_seqs + 1] row offsets of each sequence's tree
+
+
+def build_inputs(
+    items: list[TreeBatchItem], kv_manager: KVCacheManager, device: torch.device
+) -> ModelInputs:
+    """Concatenate the trees; node i of a sequence writes its K/V at position prefix_len + i."""
+    input_ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    parents: list[int] = []
+    cu = [0]
+    tables = [kv_manager.block_table(item.seq_id) for item in items]
+    for item in items:
+        input_ids += item.tree.token_ids
+        positions += item.tree.positions(item.prefix_len)
+        parents += item.tree.parents
+        slots += [kv_manager.slot(item.seq_id, item.prefix_len + i) for i in range(item.tree.num_nodes)]
+        cu.append(len(input_ids))
+    width = max(len(t) for t in tables)
+    padded = [t + [0] * (width - len(t)) for t in tables]
+
+    def tensor(values, dtype):
+        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+    meta = AttentionMetadata(
+        slot_mapping=tensor(slots, torch.int64),
+        block_tables=tensor(padded, torch.int32),
+        prefix_lens=tensor([item.prefix_len for item in items], torch.int32),
+        tree_lens=tensor([item.tree.num_nodes for item in items], torch.int32),
+        tree_parents=tensor(parents, torch.int32),
+    )
+    return ModelInputs(tensor(input_ids, torch.int64), tensor(positions, torch.int64), meta, cu)
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache, kv_manager: KVCacheManager) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.kv_manager = kv_manager
+        self.device = kv_cache.kv.device
+
+    @torch.inference_mode()
+    def run(self, items: list[TreeBatchItem], logit_rows: list[int]) -> tuple[torch.Tensor, list[int]]:
+        """Forward every tree; logits [len(logit_rows), vocab] float32 of the given rows, and cu_tree_lens."""
+        inputs = build_inputs(items, self.kv_manager, self.device)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache.kv, inputs.meta)
+        rows = torch.tensor(logit_rows, dtype=torch.int64, device=self.device)
+        return self.model.compute_logits(hidden[rows]), inputs.cu_tree_lens
+
+
+@torch.inference_mode()
+def prompt_logits(model: LlamaForCausalLM, token_ids: list[int], block_size: int = 16) -> torch.Tensor:
+    """Logits at every position of one prompt [len, vocab] through a private paged cache
+    (blocks deliberately out of order, so paging is exercised). For tests and distillation."""
+    cfg = model.cfg
+    device = model.embed_tokens.weight.device
+    num_blocks = -(-len(token_ids) // block_size)
+    manager = KVCacheManager(num_blocks + 1, block_size, enable_prefix_caching=False)
+    manager.pool.allocate()  # block 0 stays unused: tables then never start at 0
+    cache = KVCache(cfg.num_layers, num_blocks + 1, block_size, cfg.num_kv_heads, cfg.head_dim,
+                    model.embed_tokens.weight.dtype, device)
+    manager.add_sequence("prompt", token_ids)
+    manager.allocate_slots("prompt", 0, len(token_ids))
+    manager.block_tables["prompt"].reverse()
+    runner = ModelRunner(model, cache, manager)
+    logits, _ = runner.run([TreeBatchItem("prompt", 0, TokenTree.chain(token_ids))], list(range(len(token_ids))))
+    return logits

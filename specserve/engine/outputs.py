@@ -1,0 +1,32 @@
+"""What the engine reports back for a request after each step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    request_id: str
+    text: str  # generated text safe to show so far (all of it once finished)
+    token_ids: list[int]  # every generated token so far
+    new_token_ids: list[int]  # tokens this step added
+    num_prompt_tokens: int
+    finished: bool
+    finish_reason: str | None  # "stop", "length", "abort" once finished
+    num_steps: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_depth: list[int] = field(default_factory=list)
+    arrival_time: float = 0.0
+    first_token_time: float | None = None
+    finish_time: float | None = None
+
+    @property
+    def num_generated_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Accepted draft tokens per step plus one; 0.0 before the first decode step."""
+        return 1.0 + self.num_accepted_tokens / self.num_steps if self.num_steps else 0.0

@@ -1,0 +1,105 @@
+"""Continuous batching: which sequences run this step, with how many tokens, in which slots.
+
+Each step every running sequence gets either its next prefill chunk (a chain of prompt
+tokens) or, once decoding, slots for a tree of 1 + ``num_draft_slots`` tokens. Waiting
+requests join as long as the token budget, ``max_num_seqs`` and the KV pool allow. When the
+pool runs dry the most recently admitted sequence is preempted (its blocks released, to be
+recomputed later: the request keeps every token it generated).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from specserve.cache.kv_cache_manager import KVCacheManager, NoFreeBlocks
+from specserve.config import SchedulerConfig
+from specserve.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledSequence:
+    seq: Sequence
+    num_slots: int  # new tokens this step may write (prefill chunk length or tree budget)
+    is_prefill: bool
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSequence]
+    block_copies: list[tuple[int, int]]  # copy-on-write copies to apply before the forward
+    preempted: list[Sequence]
+
+
+class Scheduler:
+    def __init__(self, cfg: SchedulerConfig, kv_manager: KVCacheManager) -> None:
+        self.cfg = cfg
+        self.kv = kv_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def remove(self, seq: Sequence) -> None:
+        """Forget a finished or aborted sequence and release its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.kv.free(seq.request_id)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.kv.free(seq.request_id)
+        seq.num_computed = 0
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+
+    def schedule(self, num_draft_slots: int) -> SchedulerOutput:
+        budget = self.cfg.max_num_batched_tokens
+        scheduled: list[ScheduledSequence] = []
+        copies: list[tuple[int, int]] = []
+        preempted: list[Sequence] = []
+        index = 0
+        while index < len(self.running):
+            seq = self.running[index]
+            if seq.is_prefilling:
+                num_slots = min(seq.num_pending, self.cfg.prefill_chunk_size, budget)
+            else:
+                num_slots = min(1 + num_draft_slots, budget)
+            if num_slots == 0:
+                break
+            try:
+                copies += self.kv.allocate_slots(seq.request_id, seq.num_computed, num_slots)
+            except NoFreeBlocks:
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim)
+                continue  # retry this sequence (unless it was the victim)
+            scheduled.append(ScheduledSequence(seq, num_slots, seq.is_prefilling))
+            budget -= num_slots
+            index += 1
+
+        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
+            seq = self.waiting[0]
+            if seq in preempted:
+                break  # do not readmit in the step that preempted it
+            seq.num_computed = self.kv.add_sequence(seq.request_id, seq.token_ids)
+            num_slots = min(seq.num_pending, self.cfg.prefill_chunk_size, budget)
+            try:
+                copies += self.kv.allocate_slots(seq.request_id, seq.num_computed, num_slots)
+            except NoFreeBlocks:
+                self.kv.free(seq.request_id)
+                seq.num_computed = 0
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            scheduled.append(ScheduledSequence(seq, num_slots, seq.is_prefilling))
+            budget -= num_slots
+        return SchedulerOutput(scheduled, copies, preempted)

@@ -1,0 +1,96 @@
+"""One speculative step, as in the paper: propose -> verify -> accept -> commit.
+
+- propose: the drafter grows a token tree rooted at each sequence's pending token;
+- verify:  the target's logits at every tree node decide which path survives
+           (greedy: longest path of argmax matches; sampling: multi-step speculative sampling);
+- accept:  the path's drafts plus the bonus token become the sequence's new tokens, cut at
+           max_tokens, EOS or a stop token;
+- commit:  the accepted path's K/V move to consecutive positions (depth-first), the rest of
+           the tree's slots are released, full committed blocks become shareable prefix.
+
+A step without speculation is the same code with a one-node tree.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from draft_models.base import DraftRequest, Drafter
+from specserve.cache.kv_cache import KVCache
+from specserve.cache.kv_cache_manager import KVCacheManager
+from specserve.engine.sampler import target_probs
+from specserve.engine.sequence import Sequence
+from specserve.tree import TokenTree
+from specserve.tree.verify import VerifyResult, verify_greedy, verify_mss
+
+
+def propose(drafter: Drafter | None, seqs: list[Sequence], num_slots: list[int]) -> list[TokenTree]:
+    """A tree per sequence: its pending token as root plus at most num_slots - 1 drafts, never
+    deeper than the tokens it may still generate."""
+    roots = [TokenTree((seq.token_ids[-1],), (-1,)) for seq in seqs]
+    if drafter is None:
+        return roots
+    requests = [
+        DraftRequest(seq.request_id, seq.token_ids, slots - 1, max(0, seq.remaining_tokens - 1))
+        for seq, slots in zip(seqs, num_slots)
+    ]
+    wanted = [i for i, r in enumerate(requests) if r.max_tree_tokens > 0 and r.max_depth > 0]
+    if not wanted:
+        return roots
+    trees = drafter.propose([requests[i] for i in wanted])
+    for i, tree in zip(wanted, trees):
+        roots[i] = tree
+    return roots
+
+
+def verify(seqs: list[Sequence], trees: list[TokenTree], logits: torch.Tensor) -> list[VerifyResult]:
+    """logits [sum of tree sizes, vocab]: the target's next-token logits at every node, trees in order."""
+    results: list[VerifyResult] = []
+    argmax = None
+    start = 0
+    for seq, tree in zip(seqs, trees):
+        rows = logits[start : start + tree.num_nodes]
+        start += tree.num_nodes
+        if seq.params.greedy:
+            if argmax is None:
+                argmax = logits.argmax(dim=-1).tolist()  # one host read for every greedy sequence
+            results.append(verify_greedy(tree, argmax[start - tree.num_nodes : start]))
+        else:
+            results.append(verify_mss(tree, target_probs(rows, seq.params), seq.generator))
+    return results
+
+
+def accept(seq: Sequence, tree: TokenTree, result: VerifyResult, eos_token_ids: tuple[int, ...]) -> list[int]:
+    """The new tokens of this step, cut after the first one that finishes the request.
+
+    Sets seq.finish_reason ("stop" for EOS or a stop token id, "length" for max_tokens).
+    """
+    candidates = [tree.token_ids[node] for node in result.accepted_nodes[1:]] + [result.bonus_token]
+    new_tokens: list[int] = []
+    for token in candidates:
+        new_tokens.append(token)
+        if token in seq.params.stop_token_ids:
+            seq.finish_reason, seq.stop_reason = "stop", token
+            break
+        if token in eos_token_ids and not seq.params.ignore_eos:
+            seq.finish_reason = "stop"
+            break
+        if seq.num_generated + len(new_tokens) >= seq.params.max_tokens:
+            seq.finish_reason = "length"
+            break
+    return new_tokens
+
+
+def commit(
+    kv_manager: KVCacheManager,
+    kv_cache: KVCache,
+    seq: Sequence,
+    prefix_len: int,
+    accepted_nodes: tuple[int, ...],
+) -> None:
+    """Keep the accepted path's K/V at positions prefix_len .. prefix_len + len(path) - 1."""
+    src, dst = kv_manager.commit_path(seq.request_id, prefix_len, list(accepted_nodes))
+    kv_cache.move_slots(src, dst)
+    seq.num_computed = prefix_len + len(accepted_nodes)
+    kv_manager.trim(seq.request_id, seq.num_computed)
+    kv_manager.register_committed(seq.request_id, seq.token_ids, seq.num_computed)

@@ -1,0 +1,1 @@
+"""Llama-family models: sources, loaders (GGUF, safetensors folders), our forward."""

@@ -1,0 +1,53 @@
+"""Paged attention for one forward step, driven by an explicit metadata object.
+
+Every forward is a batch of token trees: sequence s contributes ``tree_lens[s]`` new tokens
+whose K/V are written at logical positions ``prefix_lens[s] .. prefix_lens[s] + tree_lens[s]``
+of its block table, then each token attends to the prefix and to its own tree ancestors.
+Prefill chunks are chains, plain decode is a one-token tree, verification a draft tree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+AttentionFn = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [num_tokens] int64: block_id * block_size + offset to write K/V to
+    block_tables: torch.Tensor  # [num_seqs, max_num_blocks] int32
+    prefix_lens: torch.Tensor  # [num_seqs] int32, tokens already cached before the tree
+    tree_lens: torch.Tensor  # [num_seqs] int32, new tokens per sequence
+    tree_parents: torch.Tensor  # [num_tokens] int32, parent within the sequence's tree, -1 root
+
+
+def select_attention_fn(device: torch.device) -> AttentionFn:
+    """The Triton kernel on CUDA, the PyTorch reference elsewhere (same signature)."""
+    if device.type == "cuda":
+        from kernels.tree_attention import tree_attention
+
+        return tree_attention
+    from kernels.reference import tree_attention_ref
+
+    return tree_attention_ref
+
+
+def write_kv(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Scatter new K/V into the paged cache.
+
+    k_cache, v_cache  [num_blocks, block_size, num_kv_heads, head_dim] (output)
+    k, v              [num_tokens, num_kv_heads, head_dim]
+    slot_mapping      [num_tokens] int64
+    """
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))

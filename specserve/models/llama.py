@@ -1,0 +1,134 @@
+"""Our Llama-family decoder (Llama 2/3, SmolLM2, Mistral without sliding window, Qwen2).
+
+Reads and writes a paged KV cache through ``AttentionMetadata``; the attention function is
+passed in (Triton kernel or PyTorch reference), never looked up from global state.
+
+Parameter names follow transformers' checkpoints, except that q/k/v and gate/up are fused
+(``qkv_proj`` = cat(q, k, v), ``gate_up_proj`` = cat(gate, up)) to launch fewer kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from specserve.models.attention import AttentionFn, AttentionMetadata, write_kv
+from specserve.models.config import LlamaArchConfig
+from specserve.models.rope import apply_rope, rope_cos_sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: LlamaArchConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.qkv_proj = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=cfg.o_proj_bias)
+        self.scale = cfg.head_dim**-0.5
+
+    def forward(
+        self,
+        hidden: torch.Tensor,  # [num_tokens, hidden_size]
+        cos_sin: torch.Tensor,  # [num_tokens, head_dim]
+        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+        meta: AttentionMetadata,
+        attention_fn: AttentionFn,
+    ) -> torch.Tensor:
+        cfg = self.cfg
+        q, k, v = self.qkv_proj(hidden).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        q = apply_rope(q.view(-1, cfg.num_heads, cfg.head_dim), cos_sin)
+        k = apply_rope(k.view(-1, cfg.num_kv_heads, cfg.head_dim), cos_sin)
+        v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
+        k_cache, v_cache = kv_cache[0], kv_cache[1]
+        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        out = attention_fn(
+            q, k_cache, v_cache, meta.block_tables, meta.prefix_lens, meta.tree_lens,
+            meta.tree_parents, self.scale,
+        )
+        return self.o_proj(out.reshape(-1, cfg.q_size))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: LlamaArchConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: LlamaArchConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = LlamaAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = LlamaMLP(cfg)
+
+    def forward(self, hidden, cos_sin, kv_cache, meta, attention_fn) -> torch.Tensor:
+        hidden = hidden + self.self_attn(
+            self.input_layernorm(hidden), cos_sin, kv_cache, meta, attention_fn
+        )
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class LlamaForCausalLM(nn.Module):
+    """The decoder plus its LM head. ``forward`` returns hidden states; ``compute_logits`` the logits.
+
+    kv_caches passed to forward: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
+    (layer i reads and writes kv_caches[i]).
+    """
+
+    def __init__(self, cfg: LlamaArchConfig, attention_fn: AttentionFn) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.attention_fn = attention_fn
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(
+            cfg.hidden_size, cfg.vocab_size, bias=False
+        )
+        self.register_buffer(
+            "cos_sin",
+            rope_cos_sin(cfg.max_position_embeddings, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
+            persistent=False,
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [num_tokens] int64
+        positions: torch.Tensor,  # [num_tokens] int64
+        kv_caches: torch.Tensor,  # [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
+        meta: AttentionMetadata,
+        num_layers: int | None = None,
+    ) -> torch.Tensor:
+        """Hidden states after the final norm, [num_tokens, hidden_size].
+
+        ``num_layers`` < cfg.num_layers runs only the first layers (the early-exit drafter);
+        kv_caches then needs only that many layers.
+        """
+        hidden = self.embed_tokens(input_ids)
+        cos_sin = self.cos_sin[positions]
+        for layer, kv_cache in zip(self.layers[: num_layers or self.cfg.num_layers], kv_caches):
+            hidden = layer(hidden, cos_sin, kv_cache, meta, self.attention_fn)
+        return self.norm(hidden)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[num_tokens, hidden_size] -> [num_tokens, vocab_size] float32."""
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()
