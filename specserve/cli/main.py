@@ -35,3 +35,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # a bug, not the user's fault: still one line unless asked for more
+        if os.environ.get("SPECSERVE_DEBUG"):
+            raise
+        print(
+            f"specserve: internal error: {type(exc).__name__}: {exc} "
+            "(set SPECSERVE_DEBUG=1 for the traceback and please report it)",
+            file=sys.stderr,
+        )
+        return 1
