@@ -27,9 +27,11 @@ def environment() -> dict[str, Any]:
     except ImportError:
         triton_version = None
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5
-        ).stdout.strip() or None
+        done = subprocess.run(
+            ["git", "rev-parse", "--verify", "-q", "HEAD"], capture_output=True, text=True,
+            cwd=Path(__file__).parent, timeout=5,
+        )
+        commit = done.stdout.strip() if done.returncode == 0 else None  # None: not a git checkout
     except (OSError, subprocess.SubprocessError):
         commit = None
     cuda = torch.cuda.is_available()

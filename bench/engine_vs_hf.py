@@ -16,7 +16,13 @@ import time
 import torch
 
 from bench.common import PROMPTS_DIR, environment, load_prompts, save_json, summarise, sync
-from specserve.config import CacheConfig, EngineConfig, ModelConfig, SamplingParams
+from specserve.config import (
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    SamplingParams,
+    SpeculativeConfig,
+)
 from specserve.engine.llm_engine import LLMEngine
 from specserve.engine.prompts import chat_prompt_ids
 from specserve.models.source import resolve_model
@@ -33,13 +39,14 @@ def load_hf_model(model: str | None, dtype: torch.dtype, device: torch.device):
     return hf.to(device).eval()
 
 
-def time_ours(engine: LLMEngine, prompt_ids: list[int], max_tokens: int) -> tuple[float, list[int]]:
+def time_ours(engine: LLMEngine, prompt_ids: list[int], max_tokens: int) -> tuple[float, list[int], float]:
+    """Seconds, generated ids, mean accepted length."""
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     sync()
     start = time.perf_counter()
     out = engine.generate([prompt_ids], params)[0]
     sync()
-    return time.perf_counter() - start, out.token_ids
+    return time.perf_counter() - start, out.token_ids, out.mean_accepted_length
 
 
 @torch.inference_mode()
@@ -62,6 +69,8 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--speculative-config", default=None,
+                        help="also time our engine with this speculation (e.g. ngram) in the same run")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -71,16 +80,30 @@ def main() -> None:
         cache=CacheConfig(kv_cache_memory_gb=1.0),
     ))
     device, dtype = engine.loaded.device, engine.loaded.dtype
+    spec_config = SpeculativeConfig.parse(args.speculative_config)
+    spec_engine = None
+    if spec_config.enabled:
+        spec_engine = LLMEngine(EngineConfig(
+            model=ModelConfig(model=args.model, dtype=args.dtype),
+            cache=CacheConfig(kv_cache_memory_gb=1.0), speculative=spec_config,
+        ), loaded=engine.loaded)
     hf = load_hf_model(args.model, dtype, device)
     prompts = load_prompts(args.prompts, args.num_prompts + 1)
     prompt_ids = [chat_prompt_ids(engine.tokenizer, [{"role": "user", "content": p}]) for p in prompts]
 
     time_ours(engine, prompt_ids[0], args.max_tokens)  # warm-up, excluded
+    if spec_engine is not None:
+        time_ours(spec_engine, prompt_ids[0], args.max_tokens)
     time_hf(hf, prompt_ids[0], args.max_tokens, device)
     rows = []
     for ids in prompt_ids[1:]:
-        ours_s, ours_tokens = time_ours(engine, ids, args.max_tokens)
+        ours_s, ours_tokens, _ = time_ours(engine, ids, args.max_tokens)
         hf_s, hf_tokens = time_hf(hf, ids, args.max_tokens, device)
+        spec = {}
+        if spec_engine is not None:
+            spec_s, spec_tokens, accepted = time_ours(spec_engine, ids, args.max_tokens)
+            spec = {"spec_s": spec_s, "spec_ms_per_token": 1000 * spec_s / args.max_tokens,
+                    "spec_mean_accepted_length": accepted, "spec_identical_to_off": spec_tokens == ours_tokens}
         same = sum(a == b for a, b in zip(ours_tokens, hf_tokens))
         rows.append({
             "num_prompt_tokens": len(ids), "ours_s": ours_s, "hf_s": hf_s,
@@ -88,6 +111,7 @@ def main() -> None:
             "hf_ms_per_token": 1000 * hf_s / args.max_tokens,
             "identical_prefix_tokens": next((i for i, (a, b) in enumerate(zip(ours_tokens, hf_tokens)) if a != b), args.max_tokens),
             "matching_tokens": same,
+            **spec,
         })
     ours = summarise([r["ours_ms_per_token"] for r in rows])
     theirs = summarise([r["hf_ms_per_token"] for r in rows])
@@ -101,11 +125,24 @@ def main() -> None:
         "speedup_mean": theirs["mean"] / ours["mean"],
         "per_prompt": rows,
     }
+    if spec_engine is not None:
+        spec_summary = summarise([r["spec_ms_per_token"] for r in rows])
+        result["speculative_config"] = args.speculative_config
+        result["spec_ms_per_token"] = spec_summary
+        result["spec_speedup_over_off_mean"] = ours["mean"] / spec_summary["mean"]
+        result["spec_mean_accepted_length"] = sum(r["spec_mean_accepted_length"] for r in rows) / len(rows)
+        result["spec_identical_to_off"] = sum(r["spec_identical_to_off"] for r in rows)
     path = save_json(f"engine_vs_hf_{'gpu' if device.type == 'cuda' else 'cpu'}", result, args.out)
-    print(f"{'method':<14}{'ms/token mean':>14}{'p50':>9}{'p90':>9}{'tok/s':>9}")
-    for name, s in (("specserve", ours), ("transformers", theirs)):
-        print(f"{name:<14}{s['mean']:>14.2f}{s['p50']:>9.2f}{s['p90']:>9.2f}{1000 / s['mean']:>9.1f}")
+    print(f"{'method':<20}{'ms/token mean':>14}{'p50':>9}{'p90':>9}{'tok/s':>9}")
+    methods = [("specserve", ours), ("transformers", theirs)]
+    if spec_engine is not None:
+        methods.insert(1, (f"specserve+{spec_config.method}", result["spec_ms_per_token"]))
+    for name, s in methods:
+        print(f"{name:<20}{s['mean']:>14.2f}{s['p50']:>9.2f}{s['p90']:>9.2f}{1000 / s['mean']:>9.1f}")
     print(f"speedup (transformers / specserve, same run): {result['speedup_mean']:.2f}x  -> {path}")
+    if spec_engine is not None:
+        print(f"speculation: {result['spec_speedup_over_off_mean']:.2f}x over off, mean accepted length "
+              f"{result['spec_mean_accepted_length']:.2f}, identical outputs {result['spec_identical_to_off']}/{len(rows)}")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from specserve.errors import RequestError, SpecserveError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
+ATTENTION_BACKENDS = ("auto", "triton", "dense", "reference")
 
 
 @dataclass(frozen=True)
@@ -29,8 +30,14 @@ class ModelConfig:
     device: str = "auto"
     max_model_len: int | None = None
     seed: int = 0
+    attention_backend: str = "auto"  # auto: the Triton kernel on CUDA, batched dense on the CPU
 
     def __post_init__(self) -> None:
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise SpecserveError(
+                f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
+                f"not {self.attention_backend!r}"
+            )
         if self.dtype not in DTYPES:
             raise SpecserveError(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if self.device not in DEVICES:

@@ -7,7 +7,7 @@ import os
 import sys
 
 from specserve import __version__
-from specserve.cli import generate
+from specserve.cli import generate, serve
 from specserve.errors import SpecserveError
 
 
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"specserve {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     generate.add_parser(subparsers)
+    serve.add_parser(subparsers)
     return parser
 
 

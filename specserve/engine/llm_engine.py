@@ -19,7 +19,7 @@ from specserve.config import EngineConfig, SamplingParams
 from specserve.engine.detokenizer import IncrementalDetokenizer
 from specserve.engine.drafters import make_drafter
 from specserve.engine.model_runner import ModelRunner, TreeBatchItem
-from specserve.engine.outputs import RequestOutput
+from specserve.engine.outputs import RequestOutput, StepStats
 from specserve.engine.scheduler import Scheduler
 from specserve.engine.sequence import Sequence, SequenceStatus
 from specserve.engine.speculative import accept, commit, propose, verify
@@ -48,6 +48,7 @@ class LLMEngine:
         self.sequences: dict[str, Sequence] = {}
         self.seed_rng = random.Random(config.model.seed)
         self.request_counter = 0
+        self.last_step: StepStats | None = None  # timing of the latest step that ran a forward
 
     @property
     def max_model_len(self) -> int:
@@ -132,6 +133,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         if not self.sequences:
             return []
+        step_start = time.perf_counter()
         plan = self.scheduler.schedule(self.num_draft_slots)
         self.kv_cache.copy_blocks(plan.block_copies)
         if not plan.scheduled:
@@ -143,7 +145,9 @@ class LLMEngine:
             chunk = s.seq.token_ids[s.seq.num_computed : s.seq.num_computed + s.num_slots]
             items.append(TreeBatchItem(s.seq.request_id, s.seq.num_computed, TokenTree.chain(chunk)))
         decode_seqs = [s.seq for s in decodes]
+        draft_start = time.perf_counter()
         trees = propose(self.drafter, decode_seqs, [s.num_slots for s in decodes])
+        verify_start = time.perf_counter()
         items += [TreeBatchItem(seq.request_id, seq.num_computed, tree) for seq, tree in zip(decode_seqs, trees)]
 
         # logits: the last row of a prefill chunk that completes its prompt, every decode tree row
@@ -168,6 +172,7 @@ class LLMEngine:
         prefill_seqs = [seq for seq, _ in sampling_prefills]
         results = verify(prefill_seqs + decode_seqs, last_rows + trees, logits)
         now = time.perf_counter()
+        verify_s = now - verify_start
         outputs = []
         for i, seq in enumerate(prefill_seqs + decode_seqs):
             result = results[i]
@@ -193,6 +198,14 @@ class LLMEngine:
             if self.drafter is not None:
                 self.drafter.commit(seq.request_id, seq.num_computed)
             outputs.append(self._output(seq, new_tokens))
+        self.last_step = StepStats(
+            num_seqs=len(items),
+            num_tokens=sum(item.tree.num_nodes for item in items),
+            num_draft_tokens=sum(tree.num_nodes - 1 for tree in trees),
+            draft_s=verify_start - draft_start,
+            verify_s=verify_s,
+            total_s=time.perf_counter() - step_start,
+        )
         return outputs
 
     def _output(self, seq: Sequence, new_tokens: list[int], finish_time: float | None = None) -> RequestOutput:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.cpu_tree_attention import build_dense_plan
 from specserve.cache.kv_cache import KVCache
 from specserve.cache.kv_cache_manager import KVCacheManager
 from specserve.models.attention import AttentionMetadata
@@ -29,7 +30,7 @@ class ModelInputs:
 
 
 def build_inputs(
-    items: list[TreeBatchItem], kv_manager: KVCacheManager, device: torch.device
+    items: list[TreeBatchItem], kv_manager: KVCacheManager, device: torch.device, dense_plan: bool = False
 ) -> ModelInputs:
     """Concatenate the trees; node i of a sequence writes its K/V at position prefix_len + i."""
     input_ids: list[int] = []
@@ -56,6 +57,10 @@ def build_inputs(
         prefix_lens=tensor([item.prefix_len for item in items], torch.int32),
         tree_lens=tensor([item.tree.num_nodes for item in items], torch.int32),
         tree_parents=tensor(parents, torch.int32),
+        dense_plan=build_dense_plan(
+            tables, [item.prefix_len for item in items], [list(item.tree.parents) for item in items],
+            kv_manager.block_size, device,
+        ) if dense_plan else None,
     )
     return ModelInputs(tensor(input_ids, torch.int64), tensor(positions, torch.int64), meta, cu)
 
@@ -70,7 +75,7 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, items: list[TreeBatchItem], logit_rows: list[int]) -> tuple[torch.Tensor, list[int]]:
         """Forward every tree; logits [len(logit_rows), vocab] float32 of the given rows, and cu_tree_lens."""
-        inputs = build_inputs(items, self.kv_manager, self.device)
+        inputs = build_inputs(items, self.kv_manager, self.device, self.model.attention.needs_dense_plan)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache.kv, inputs.meta)
         rows = torch.tensor(logit_rows, dtype=torch.int64, device=self.device)
         return self.model.compute_logits(hidden[rows]), inputs.cu_tree_lens

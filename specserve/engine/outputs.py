@@ -30,3 +30,15 @@ class RequestOutput:
     def mean_accepted_length(self) -> float:
         """Accepted draft tokens per step plus one; 0.0 before the first decode step."""
         return 1.0 + self.num_accepted_tokens / self.num_steps if self.num_steps else 0.0
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """Timing of one engine step (host clock; the verify read of accepted tokens syncs the device)."""
+
+    num_seqs: int
+    num_tokens: int  # rows the target forward processed (prefill chunks and tree nodes)
+    num_draft_tokens: int
+    draft_s: float  # proposing trees
+    verify_s: float  # target forward + verification (ends with the host read of accepted tokens)
+    total_s: float

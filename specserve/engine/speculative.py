@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from draft_models.base import DraftRequest, Drafter
+from draft_models.base import Drafter, DraftRequest
 from specserve.cache.kv_cache import KVCache
 from specserve.cache.kv_cache_manager import KVCacheManager
 from specserve.engine.sampler import target_probs

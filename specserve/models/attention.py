@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-AttentionFn = Callable[..., torch.Tensor]
+from kernels.cpu_tree_attention import DenseAttentionPlan, dense_tree_attention
 
 
 @dataclass(frozen=True)
@@ -23,17 +23,53 @@ class AttentionMetadata:
     prefix_lens: torch.Tensor  # [num_seqs] int32, tokens already cached before the tree
     tree_lens: torch.Tensor  # [num_seqs] int32, new tokens per sequence
     tree_parents: torch.Tensor  # [num_tokens] int32, parent within the sequence's tree, -1 root
+    dense_plan: DenseAttentionPlan | None = None  # host-built plan, only for the "dense" backend
 
 
-def select_attention_fn(device: torch.device) -> AttentionFn:
-    """The Triton kernel on CUDA, the PyTorch reference elsewhere (same signature)."""
-    if device.type == "cuda":
-        from kernels.tree_attention import tree_attention
+@dataclass(frozen=True)
+class AttentionBackend:
+    """How a layer attends: ``fn(q, k_cache, v_cache, meta, scale) -> [num_tokens, num_heads, head_dim]``.
 
-        return tree_attention
+    "triton": the tree-attention kernel (CUDA); "dense": batched PyTorch SDPA over a plan built
+    once per step (CPU); "reference": the per-sequence PyTorch reference (tests).
+    """
+
+    name: str
+    fn: Callable[..., torch.Tensor]
+    needs_dense_plan: bool = False
+
+
+def _triton(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    from kernels.tree_attention import tree_attention
+
+    return tree_attention(q, k_cache, v_cache, meta.block_tables, meta.prefix_lens, meta.tree_lens,
+                          meta.tree_parents, scale)
+
+
+def _reference(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     from kernels.reference import tree_attention_ref
 
-    return tree_attention_ref
+    return tree_attention_ref(q, k_cache, v_cache, meta.block_tables, meta.prefix_lens,
+                              meta.tree_lens, meta.tree_parents, scale)
+
+
+def _dense(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    return dense_tree_attention(q, k_cache, v_cache, meta.dense_plan, scale)
+
+
+BACKENDS = {
+    "triton": AttentionBackend("triton", _triton),
+    "dense": AttentionBackend("dense", _dense, needs_dense_plan=True),
+    "reference": AttentionBackend("reference", _reference),
+}
+
+
+def select_attention_backend(device: torch.device, name: str = "auto") -> AttentionBackend:
+    """``name``, or for "auto" the Triton kernel on CUDA and batched dense attention on the CPU
+    (the kernel runs on the CPU only through Triton's interpreter, TRITON_INTERPRET=1)."""
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "dense"
+    return BACKENDS[name]
 
 
 def write_kv(

@@ -1,6 +1,6 @@
 """Our Llama-family decoder (Llama 2/3, SmolLM2, Mistral without sliding window, Qwen2).
 
-Reads and writes a paged KV cache through ``AttentionMetadata``; the attention function is
+Reads and writes a paged KV cache through ``AttentionMetadata``; the attention backend is
 passed in (Triton kernel or PyTorch reference), never looked up from global state.
 
 Parameter names follow transformers' checkpoints, except that q/k/v and gate/up are fused
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specserve.models.attention import AttentionFn, AttentionMetadata, write_kv
+from specserve.models.attention import AttentionBackend, AttentionMetadata, write_kv
 from specserve.models.config import LlamaArchConfig
 from specserve.models.rope import apply_rope, rope_cos_sin
 
@@ -44,7 +44,7 @@ class LlamaAttention(nn.Module):
         cos_sin: torch.Tensor,  # [num_tokens, head_dim]
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
         meta: AttentionMetadata,
-        attention_fn: AttentionFn,
+        attention: AttentionBackend,
     ) -> torch.Tensor:
         cfg = self.cfg
         q, k, v = self.qkv_proj(hidden).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
@@ -53,10 +53,7 @@ class LlamaAttention(nn.Module):
         v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-        out = attention_fn(
-            q, k_cache, v_cache, meta.block_tables, meta.prefix_lens, meta.tree_lens,
-            meta.tree_parents, self.scale,
-        )
+        out = attention.fn(q, k_cache, v_cache, meta, self.scale)
         return self.o_proj(out.reshape(-1, cfg.q_size))
 
 
@@ -79,10 +76,8 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg)
 
-    def forward(self, hidden, cos_sin, kv_cache, meta, attention_fn) -> torch.Tensor:
-        hidden = hidden + self.self_attn(
-            self.input_layernorm(hidden), cos_sin, kv_cache, meta, attention_fn
-        )
+    def forward(self, hidden, cos_sin, kv_cache, meta, attention) -> torch.Tensor:
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos_sin, kv_cache, meta, attention)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
@@ -93,10 +88,10 @@ class LlamaForCausalLM(nn.Module):
     (layer i reads and writes kv_caches[i]).
     """
 
-    def __init__(self, cfg: LlamaArchConfig, attention_fn: AttentionFn) -> None:
+    def __init__(self, cfg: LlamaArchConfig, attention: AttentionBackend) -> None:
         super().__init__()
         self.cfg = cfg
-        self.attention_fn = attention_fn
+        self.attention = attention
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -125,7 +120,7 @@ class LlamaForCausalLM(nn.Module):
         hidden = self.embed_tokens(input_ids)
         cos_sin = self.cos_sin[positions]
         for layer, kv_cache in zip(self.layers[: num_layers or self.cfg.num_layers], kv_caches):
-            hidden = layer(hidden, cos_sin, kv_cache, meta, self.attention_fn)
+            hidden = layer(hidden, cos_sin, kv_cache, meta, self.attention)
         return self.norm(hidden)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from specserve.config import ModelConfig
 from specserve.errors import ModelLoadError
-from specserve.models.attention import select_attention_fn
+from specserve.models.attention import select_attention_backend
 from specserve.models.config import LlamaArchConfig, RopeScaling
 from specserve.models.gguf_loader import read_gguf
 from specserve.models.hf_loader import read_hf
@@ -106,10 +106,12 @@ def read_weights(source: ModelSource) -> tuple[LlamaArchConfig, Iterator[tuple[s
     return cfg, iter(tensors.items()), count, cache_dir
 
 
-def empty_model(cfg: LlamaArchConfig, device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
+def empty_model(
+    cfg: LlamaArchConfig, device: torch.device, dtype: torch.dtype, attention_backend: str = "auto"
+) -> LlamaForCausalLM:
     """Uninitialised parameters on ``device`` (no time spent on random init); RoPE table filled."""
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg, select_attention_fn(device))
+        model = LlamaForCausalLM(cfg, select_attention_backend(device, attention_backend))
     model = model.to(dtype).to_empty(device=device)
     model.cos_sin = rope_cos_sin(
         cfg.max_position_embeddings, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling
@@ -117,9 +119,11 @@ def empty_model(cfg: LlamaArchConfig, device: torch.device, dtype: torch.dtype) 
     return model.eval().requires_grad_(False)
 
 
-def random_model(cfg: LlamaArchConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> LlamaForCausalLM:
+def random_model(
+    cfg: LlamaArchConfig, device: torch.device, dtype: torch.dtype, seed: int = 0, attention_backend: str = "auto"
+) -> LlamaForCausalLM:
     """Random weights of a real shape (for speed tests of models we do not have, e.g. Llama-3-8B)."""
-    model = empty_model(cfg, device, dtype)
+    model = empty_model(cfg, device, dtype, attention_backend)
     generator = torch.Generator(device=device).manual_seed(seed)
     for name, param in model.named_parameters():
         if name.endswith("layernorm.weight") or name == "norm.weight":
@@ -182,7 +186,7 @@ def load_model(config: ModelConfig) -> LoadedModel:
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     cfg, tensors, count, cache_dir = read_weights(source)
-    model = empty_model(cfg, device, dtype)
+    model = empty_model(cfg, device, dtype, config.attention_backend)
     fill_weights(model, tensors, count, desc=f"loading {source.name}")
     tokenizer = load_tokenizer(source, None if cache_dir is None else cache_dir / "tokenizer")
     max_model_len = cfg.max_position_embeddings

@@ -1,6 +1,12 @@
 import pytest
 
-from specserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, SpeculativeConfig
+from specserve.config import (
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+    SpeculativeConfig,
+)
 from specserve.engine.llm_engine import LLMEngine
 from specserve.engine.prompts import chat_prompt_ids
 from tests.engine.prompts import PROMPTS

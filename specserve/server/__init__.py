@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server: aiohttp over one engine thread (``specserve serve``)."""

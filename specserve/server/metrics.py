@@ -1,0 +1,122 @@
+"""Prometheus metrics of one server, in its own ``CollectorRegistry`` (never the global one).
+
+Updated from the engine thread after every loop iteration (prometheus-client's metrics lock
+internally), read by the asyncio thread for ``GET /metrics``. Speculation counters grow per
+step by the difference to each request's previous output, so they move while requests run.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from specserve.engine.outputs import RequestOutput
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
+                   1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.num_requests_running = Gauge("specserve_num_requests_running", "Sequences in the running batch.", registry=r)
+        self.num_requests_waiting = Gauge("specserve_num_requests_waiting", "Sequences waiting to be scheduled.", registry=r)
+        self.kv_cache_usage = Gauge("specserve_kv_cache_usage", "Fraction of KV blocks in use (0..1).", registry=r)
+        self.kv_cache_used_blocks = Gauge("specserve_kv_cache_used_blocks", "KV blocks in use.", registry=r)
+        self.kv_cache_total_blocks = Gauge("specserve_kv_cache_total_blocks", "KV blocks in the pool.", registry=r)
+        self.time_to_first_token = Histogram(
+            "specserve_time_to_first_token_seconds", "Arrival to first generated token.",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.inter_token_latency = Histogram(
+            "specserve_inter_token_latency_seconds",
+            "Time between a request's steps divided by the tokens the step produced (observed per token).",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.e2e_request_latency = Histogram(
+            "specserve_e2e_request_latency_seconds", "Arrival to finish.", buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.prompt_tokens = Counter("specserve_prompt_tokens", "Prompt tokens of admitted requests.", registry=r)
+        self.generation_tokens = Counter("specserve_generation_tokens", "Generated tokens.", registry=r)
+        self.spec_steps = Counter("specserve_spec_decode_steps", "Decode (verify) steps.", registry=r)
+        self.spec_draft_tokens = Counter("specserve_spec_decode_draft_tokens", "Draft tokens proposed.", registry=r)
+        self.spec_accepted_tokens = Counter(
+            "specserve_spec_decode_accepted_tokens", "Draft tokens accepted.", registry=r
+        )
+        self.spec_accepted_per_depth = Counter(
+            "specserve_spec_decode_accepted_tokens_per_depth", "Draft tokens accepted at each tree depth.",
+            ["depth"], registry=r,
+        )
+        self.spec_mean_accepted_length = Gauge(
+            "specserve_spec_decode_mean_accepted_length",
+            "Tokens per decode step: 1 + accepted drafts / steps, over the server's life (0 before any step).",
+            registry=r,
+        )
+        self.requests_finished = Counter(
+            "specserve_requests_finished", "Finished engine requests by finish reason.", ["finish_reason"], registry=r
+        )
+        self.requests_rejected = Counter(
+            "specserve_requests_rejected", "HTTP generation requests turned away, by reason.", ["reason"], registry=r
+        )
+        self.engine_errors = Counter("specserve_engine_errors", "Engine steps that raised.", registry=r)
+        # engine-thread state: the previous output and token time of every unfinished request
+        self._previous: dict[str, RequestOutput] = {}
+        self._last_token_time: dict[str, float] = {}
+        self._total_steps = 0
+        self._total_accepted = 0
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    # ---- engine thread ---------------------------------------------------------------------
+
+    def record_engine_state(self, num_running: int, num_waiting: int, num_blocks: int, num_free_blocks: int) -> None:
+        self.num_requests_running.set(num_running)
+        self.num_requests_waiting.set(num_waiting)
+        self.kv_cache_total_blocks.set(num_blocks)
+        self.kv_cache_used_blocks.set(num_blocks - num_free_blocks)
+        self.kv_cache_usage.set((num_blocks - num_free_blocks) / num_blocks)
+
+    def record_admitted(self, num_prompt_tokens: int) -> None:
+        self.prompt_tokens.inc(num_prompt_tokens)
+
+    def record_outputs(self, outputs: list[RequestOutput], now: float) -> None:
+        for out in outputs:
+            previous = self._previous.get(out.request_id)
+            num_new = len(out.new_token_ids)
+            if num_new:
+                self.generation_tokens.inc(num_new)
+                last = self._last_token_time.get(out.request_id)
+                if last is None:
+                    if out.first_token_time is not None:
+                        self.time_to_first_token.observe(out.first_token_time - out.arrival_time)
+                else:
+                    for _ in range(num_new):
+                        self.inter_token_latency.observe((now - last) / num_new)
+                self._last_token_time[out.request_id] = now
+            self._record_spec_delta(previous, out)
+            if out.finished:
+                self._previous.pop(out.request_id, None)
+                self._last_token_time.pop(out.request_id, None)
+                self.requests_finished.labels(out.finish_reason or "unknown").inc()
+                self.e2e_request_latency.observe((out.finish_time or now) - out.arrival_time)
+            else:
+                self._previous[out.request_id] = out
+
+    def _record_spec_delta(self, previous: RequestOutput | None, out: RequestOutput) -> None:
+        steps = out.num_steps - (previous.num_steps if previous else 0)
+        if steps <= 0:
+            return
+        drafts = out.num_draft_tokens - (previous.num_draft_tokens if previous else 0)
+        accepted = out.num_accepted_tokens - (previous.num_accepted_tokens if previous else 0)
+        self.spec_steps.inc(steps)
+        self.spec_draft_tokens.inc(drafts)
+        self.spec_accepted_tokens.inc(accepted)
+        before = previous.accepted_per_depth if previous else []
+        for depth, count in enumerate(out.accepted_per_depth):
+            delta = count - (before[depth] if depth < len(before) else 0)
+            if delta:
+                self.spec_accepted_per_depth.labels(str(depth + 1)).inc(delta)
+        self._total_steps += steps
+        self._total_accepted += accepted
+        self.spec_mean_accepted_length.set(1.0 + self._total_accepted / self._total_steps)
