@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from draft_models.base import DraftRequest
 from specserve.tree import TokenTree
+from specserve.tree.builders import tree_from_paths_within_budget
 
 
 class NgramDrafter:
@@ -46,7 +47,7 @@ class NgramDrafter:
                 trees.append(TokenTree((root,), (-1,)))
                 continue
             paths = self.continuations(token_ids, request.max_depth)
-            trees.append(_tree_within_budget(root, paths, request.max_tree_tokens))
+            trees.append(tree_from_paths_within_budget(root, paths, request.max_tree_tokens))
         return trees
 
     def commit(self, seq_id: str, num_committed: int) -> None:
@@ -55,16 +56,3 @@ class NgramDrafter:
     def release(self, seq_id: str) -> None:
         return None
 
-
-def _tree_within_budget(root: int, paths: list[list[int]], max_tree_tokens: int) -> TokenTree:
-    """Add paths in order, cutting the last one so the draft node count stays within budget."""
-    kept: list[list[int]] = []
-    for path in paths:
-        tree = TokenTree.from_paths(root, kept + [path])
-        excess = tree.num_nodes - 1 - max_tree_tokens
-        if excess > 0:
-            if excess < len(path):
-                kept.append(path[: len(path) - excess])
-            break
-        kept.append(path)
-    return TokenTree.from_paths(root, kept)

@@ -7,7 +7,7 @@ objects, not here. The CLI converts its arguments into these once.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from specserve.errors import RequestError, SpecserveError
@@ -121,26 +121,40 @@ class SamplingParams:
         return self.temperature == 0
 
 
-SPECULATION_METHODS = ("off", "ngram", "early_exit")
+SPECULATION_METHODS = ("off", "ngram", "early_exit", "draft", "merge")
+TREE_SHAPES = ("static", "dynamic")
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
     """How draft trees are built. ``method`` "off" is plain incremental decoding.
 
-    method           drafter: "ngram" (prompt lookup), "early_exit" (the target's first layers)
+    method           drafter: "ngram" (prompt lookup), "early_exit" (the target's first
+                     ``num_layers`` layers, its norm and head), "draft" (a small trained model,
+                     ``draft_model``), "merge" (the trees of ``merge`` drafters merged into one)
     max_tree_tokens  cap on draft nodes per sequence per step (the root not counted)
     max_depth        cap on the tree's depth (draft tokens on one path)
-    widths           expansion widths per depth (SpecInfer's static trees); len <= max_depth
-    num_layers       early_exit only: how many of the target's layers the drafter runs
+    tree             model drafters: "static" (SpecInfer: ``widths[d]`` children per node at
+                     depth d) or "dynamic" (EAGLE-2: expand the ``top_k`` likeliest nodes per
+                     level, keep the ``max_tree_tokens`` likeliest overall)
+    budget           "fixed": trees of up to max_tree_tokens nodes; "auto" (model drafters):
+                     keep the number of likeliest nodes that maximises expected tokens per
+                     second under this device's measured verification cost (Sequoia-like)
+    step_cost        "auto" only: a calibration JSON file to use instead of measuring at start
     ngram_max / ngram_min  ngram only: longest / shortest suffix to match in the context
     """
 
     method: str = "off"
     max_tree_tokens: int = 16
     max_depth: int = 6
+    tree: str = "static"
     widths: tuple[int, ...] = (2, 2, 1, 1, 1, 1)
+    top_k: int = 4
     num_layers: int = 4
+    draft_model: str | None = None
+    merge: tuple[str, ...] = ()
+    budget: str = "fixed"
+    step_cost: str | None = None
     ngram_max: int = 4
     ngram_min: int = 1
 
@@ -150,20 +164,35 @@ class SpeculativeConfig:
                 f"speculative method must be one of {', '.join(SPECULATION_METHODS)}, "
                 f"not {self.method!r}"
             )
+        if self.budget not in ("fixed", "auto"):
+            raise SpecserveError(f"budget must be 'fixed' or 'auto', not {self.budget!r}")
+        if self.tree not in TREE_SHAPES:
+            raise SpecserveError(f"tree must be one of {', '.join(TREE_SHAPES)}, not {self.tree!r}")
         if self.max_tree_tokens < 1 or self.max_tree_tokens > 1024:
             raise SpecserveError("max_tree_tokens must lie between 1 and 1024")
         if self.max_depth < 1:
             raise SpecserveError("max_depth must be at least 1")
-        if not self.widths or any(w < 1 for w in self.widths) or len(self.widths) > self.max_depth:
+        if not self.widths or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in self.widths):
             raise SpecserveError("widths must be a non-empty list of positive ints, one per depth")
+        if not 1 <= self.top_k <= 64:
+            raise SpecserveError("top_k must lie between 1 and 64")
         if self.num_layers < 1:
             raise SpecserveError("num_layers must be at least 1")
+        if self.method == "draft" and not self.draft_model:
+            raise SpecserveError("method 'draft' needs draft_model: a trained draft's folder or name")
+        if self.method == "merge":
+            if len(self.merge) < 2 or any(m not in SPECULATION_METHODS[1:4] for m in self.merge):
+                raise SpecserveError("method 'merge' needs merge: two or more of ngram, early_exit, draft")
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise SpecserveError("ngram sizes need 1 <= ngram_min <= ngram_max")
 
     @property
     def enabled(self) -> bool:
         return self.method != "off"
+
+    def with_method(self, method: str) -> SpeculativeConfig:
+        """The same settings for one of the merged drafters."""
+        return replace(self, method=method, merge=())
 
     @classmethod
     def parse(cls, text: str | None) -> SpeculativeConfig:
@@ -186,8 +215,9 @@ class SpeculativeConfig:
                 f"unknown --speculative-config field(s) {', '.join(unknown)}; "
                 f"known: {', '.join(sorted(known))}"
             )
-        if "widths" in raw:
-            raw["widths"] = tuple(raw["widths"])
+        for name in ("widths", "merge"):
+            if isinstance(raw.get(name), list):
+                raw[name] = tuple(raw[name])
         try:
             return cls(**raw)
         except TypeError as exc:

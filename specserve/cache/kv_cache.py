@@ -24,10 +24,18 @@ def bytes_per_block(arch: LlamaArchConfig, block_size: int, dtype: torch.dtype, 
 
 
 def choose_num_blocks(
-    arch: LlamaArchConfig, cfg: CacheConfig, dtype: torch.dtype, device: torch.device
+    arch: LlamaArchConfig,
+    cfg: CacheConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    extra_layers: int = 0,
 ) -> int:
     """Pool size: ``cfg.num_blocks``, else ``cfg.kv_cache_memory_gb`` worth, else a device default
-    (2 GB on the CPU; on CUDA ``gpu_memory_utilization`` of the memory still free)."""
+    (2 GB on the CPU; on CUDA ``gpu_memory_utilization`` of the memory still free).
+
+    ``extra_layers``: a drafter's own pool mirrors every block with that many layers of the
+    same shape, so a memory budget is shared out as if the model had them too.
+    """
     if cfg.num_blocks is not None:
         return cfg.num_blocks
     if cfg.kv_cache_memory_gb is not None:
@@ -37,7 +45,8 @@ def choose_num_blocks(
         budget = max(0.0, free - (1 - cfg.gpu_memory_utilization) * total)
     else:
         budget = DEFAULT_CPU_KV_GB * 1e9
-    return max(1, int(budget // bytes_per_block(arch, cfg.block_size, dtype)))
+    per_block = bytes_per_block(arch, cfg.block_size, dtype, arch.num_layers + extra_layers)
+    return max(1, int(budget // per_block))
 
 
 class KVCache:

@@ -6,25 +6,33 @@ verify -> accept -> commit -> detokenize. Prefill chunks ride in the same forwar
 
 from __future__ import annotations
 
+import functools
 import random
 import time
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 
 from draft_models.base import Drafter
 from specserve.cache.kv_cache import KVCache, choose_num_blocks
 from specserve.cache.kv_cache_manager import KVCacheManager
-from specserve.config import EngineConfig, SamplingParams
+from specserve.config import EngineConfig, SamplingParams, SpeculativeConfig
+from specserve.engine.calibration import (
+    CALIBRATION_SIZES,
+    StepCost,
+    load_or_measure,
+    select_nodes_by_cost,
+)
 from specserve.engine.detokenizer import IncrementalDetokenizer
-from specserve.engine.drafters import make_drafter
+from specserve.engine.drafters import drafter_kv_layers, make_drafter
 from specserve.engine.model_runner import ModelRunner, TreeBatchItem
 from specserve.engine.outputs import RequestOutput, StepStats
 from specserve.engine.scheduler import Scheduler
 from specserve.engine.sequence import Sequence, SequenceStatus
 from specserve.engine.speculative import accept, commit, propose, verify
-from specserve.errors import RequestError
-from specserve.models.loader import LoadedModel, load_model
+from specserve.errors import RequestError, SpecserveError
+from specserve.models.loader import LoadedModel, cache_root, load_model
 from specserve.tree import TokenTree
 
 
@@ -35,7 +43,10 @@ class LLMEngine:
         self.tokenizer = self.loaded.tokenizer
         arch = self.loaded.arch
         cache_cfg = config.cache
-        num_blocks = choose_num_blocks(arch, cache_cfg, self.loaded.dtype, self.loaded.device)
+        num_blocks = choose_num_blocks(
+            arch, cache_cfg, self.loaded.dtype, self.loaded.device,
+            extra_layers=drafter_kv_layers(config.speculative, self.loaded),
+        )
         self.kv_manager = KVCacheManager(num_blocks, cache_cfg.block_size, cache_cfg.enable_prefix_caching)
         self.kv_cache = KVCache(
             arch.num_layers, num_blocks, cache_cfg.block_size, arch.num_kv_heads, arch.head_dim,
@@ -43,12 +54,35 @@ class LLMEngine:
         )
         self.runner = ModelRunner(self.loaded.model, self.kv_cache, self.kv_manager)
         self.scheduler = Scheduler(config.scheduler, self.kv_manager)
-        self.drafter: Drafter | None = make_drafter(config.speculative, self.loaded)
+        self.step_cost: StepCost | None = None
+        select_counts = None
+        if config.speculative.enabled and config.speculative.budget == "auto":
+            self.step_cost = self._calibrate(config.speculative)
+            select_counts = functools.partial(select_nodes_by_cost, self.step_cost)
+        self.drafter: Drafter | None = make_drafter(
+            config.speculative, self.loaded, num_blocks, cache_cfg.block_size,
+            config.scheduler.max_num_seqs, select_counts,
+        )
         self.num_draft_slots = config.speculative.max_tree_tokens if self.drafter else 0
         self.sequences: dict[str, Sequence] = {}
         self.seed_rng = random.Random(config.model.seed)
         self.request_counter = 0
         self.last_step: StepStats | None = None  # timing of the latest step that ran a forward
+
+    def _calibrate(self, spec: SpeculativeConfig) -> StepCost:
+        """The step-cost curve: from spec.step_cost if given, else measured once and cached."""
+        if spec.step_cost is not None:
+            try:
+                return StepCost.from_json(Path(spec.step_cost).read_text())
+            except (OSError, ValueError, KeyError) as exc:
+                raise SpecserveError(f"cannot read step_cost file {spec.step_cost}: {exc}") from None
+        device = self.loaded.device
+        device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu{torch.get_num_threads()}"
+        dtype = str(self.loaded.dtype).removeprefix("torch.")
+        tag = f"{device_name}-{self.loaded.name}-{dtype}-bs{self.config.cache.block_size}".replace(" ", "_")
+        sizes = tuple(n for n in CALIBRATION_SIZES if n <= max(2, 2 * (1 + spec.max_tree_tokens)))
+        cache_file = cache_root() / "calibration" / f"{tag}-{sizes[-1]}.json"
+        return load_or_measure(self.runner, cache_file, sizes)
 
     @property
     def max_model_len(self) -> int:

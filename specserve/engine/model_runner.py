@@ -66,17 +66,23 @@ def build_inputs(
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache, kv_manager: KVCacheManager) -> None:
+    """Runs ``model`` (its first ``num_layers`` layers if given: an early-exit drafter) over a
+    cache with that many layers."""
+
+    def __init__(
+        self, model: LlamaForCausalLM, kv_cache: KVCache, kv_manager: KVCacheManager, num_layers: int | None = None
+    ) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.kv_manager = kv_manager
+        self.num_layers = num_layers
         self.device = kv_cache.kv.device
 
     @torch.inference_mode()
     def run(self, items: list[TreeBatchItem], logit_rows: list[int]) -> tuple[torch.Tensor, list[int]]:
         """Forward every tree; logits [len(logit_rows), vocab] float32 of the given rows, and cu_tree_lens."""
         inputs = build_inputs(items, self.kv_manager, self.device, self.model.attention.needs_dense_plan)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache.kv, inputs.meta)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache.kv, inputs.meta, self.num_layers)
         rows = torch.tensor(logit_rows, dtype=torch.int64, device=self.device)
         return self.model.compute_logits(hidden[rows]), inputs.cu_tree_lens
 

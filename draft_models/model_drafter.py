@@ -1,0 +1,151 @@
+"""A drafter driven by a model: the target's first layers (early exit) or a small trained draft.
+
+The drafter keeps its own paged KV cache (``num_layers`` layers, its own block pool) holding the
+committed tokens of every sequence it drafts for. One ``propose`` call, for every sequence:
+
+1. catch up: run the tokens committed since the last call, ending with the tree's root (the
+   target's pending token), as a chain; the root's logits give the first candidates;
+2. grow the tree level by level with a tree builder: each level runs the paths from the root
+   to the frontier nodes (a small tree, recomputed whole, so no level depends on slots written
+   by another) and reads the frontier's logits.
+
+Invariant: after ``propose``, the drafter's cache holds exactly the sequence's tokens up to and
+including the root at positions 0 .. root; draft nodes' slots lie past it and are released at
+the next call (rollback to the accepted path is a trim: accepted tokens are recomputed as part
+of the next catch-up chain, together with the next root).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from draft_models.base import DraftRequest
+from specserve.cache.kv_cache import KVCache
+from specserve.cache.kv_cache_manager import KVCacheManager
+from specserve.config import SpeculativeConfig
+from specserve.engine.model_runner import ModelRunner, TreeBatchItem
+from specserve.models.llama import LlamaForCausalLM
+from specserve.tree import TokenTree
+from specserve.tree.builders import Candidates, DynamicTreeBuilder, StaticTreeBuilder
+
+
+def top_candidates(logits: torch.Tensor, k: int) -> list[Candidates]:
+    """logits [rows, vocab] -> per row the k most likely (token, probability), best first."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    values, indices = torch.topk(probs, k, dim=-1)
+    return [list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
+
+
+class ModelDrafter:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        num_layers: int,
+        config: SpeculativeConfig,
+        num_blocks: int,
+        block_size: int,
+        select_counts: Callable[[list[list[float]], float], list[int]] | None = None,
+    ) -> None:
+        """``select_counts(ranked path probabilities per sequence, drafting seconds so far)``
+        picks how many of each tree's most probable nodes to keep (the Sequoia-like budget);
+        without it every tree keeps up to its request's max_tree_tokens nodes."""
+        if not 1 <= num_layers <= model.cfg.num_layers:
+            raise ValueError(f"a drafter needs 1..{model.cfg.num_layers} layers, not {num_layers}")
+        device = model.embed_tokens.weight.device
+        self.config = config
+        self.kv_manager = KVCacheManager(num_blocks, block_size, enable_prefix_caching=False)
+        self.kv_cache = KVCache(
+            num_layers, num_blocks, block_size, model.cfg.num_kv_heads, model.cfg.head_dim,
+            model.embed_tokens.weight.dtype, device,
+        )
+        self.runner = ModelRunner(model, self.kv_cache, self.kv_manager, num_layers)
+        self.num_cached: dict[str, int] = {}  # tokens of each sequence with K/V in our cache
+        self.select_counts = select_counts
+
+    @property
+    def num_candidates(self) -> int:
+        cfg = self.config
+        return cfg.top_k if cfg.tree == "dynamic" else max(cfg.widths)
+
+    def max_nodes_created(self, max_tree_tokens: int, max_depth: int) -> int:
+        """Upper bound on the nodes one level's subtree can hold (slots to reserve)."""
+        cfg = self.config
+        if cfg.tree == "dynamic":
+            return 1 + max_depth * cfg.top_k * cfg.top_k
+        return 1 + max_tree_tokens
+
+    def _builder(self, requests: list[DraftRequest]):
+        roots = [r.token_ids[-1] for r in requests]
+        budgets = [r.max_tree_tokens for r in requests]
+        depths = [min(r.max_depth, self.config.max_depth) for r in requests]
+        if self.config.tree == "dynamic":
+            return DynamicTreeBuilder(roots, self.config.top_k, budgets, depths)
+        return StaticTreeBuilder(roots, self.config.widths, budgets, depths)
+
+    def propose(self, requests: list[DraftRequest]) -> list[TokenTree]:
+        propose_start = time.perf_counter()
+        prefix_lens = []
+        for r in requests:
+            cached = self.num_cached.get(r.seq_id)
+            if cached is None:
+                self.kv_manager.add_sequence(r.seq_id, list(r.token_ids))
+                cached = 0
+            cached = min(cached, len(r.token_ids) - 1)  # the root is always recomputed
+            self.kv_manager.trim(r.seq_id, cached)
+            chain_len = len(r.token_ids) - cached
+            self.kv_manager.allocate_slots(
+                r.seq_id, cached, chain_len + self.max_nodes_created(r.max_tree_tokens, r.max_depth)
+            )
+            prefix_lens.append(cached)
+
+        # level 0: catch up and score the roots
+        chains = [TokenTree.chain(list(r.token_ids[c:])) for r, c in zip(requests, prefix_lens)]
+        items = [TreeBatchItem(r.seq_id, c, t) for r, c, t in zip(requests, prefix_lens, chains)]
+        rows, row = [], 0
+        for chain in chains:
+            row += chain.num_nodes
+            rows.append(row - 1)
+        logits, _ = self.runner.run(items, rows)
+        builder = self._builder(requests)
+        candidates = top_candidates(logits, self.num_candidates)
+        root_prefix = [len(r.token_ids) - 1 for r in requests]
+        for r in requests:
+            self.num_cached[r.seq_id] = len(r.token_ids)
+        builder.extend([[candidates[s]] if builder.frontier()[s] else [] for s in range(len(requests))])
+
+        # levels 1..: run root-to-frontier paths, extend by the frontier's candidates
+        while any(builder.frontier()):
+            active = [s for s, nodes in enumerate(builder.frontier()) if nodes]
+            items, rows, row, per_seq_rows = [], [], 0, []
+            for s in active:
+                needed = builder.needed_nodes(s)
+                tree = builder.tree_of(s, needed)
+                items.append(TreeBatchItem(requests[s].seq_id, root_prefix[s], tree))
+                position = {node: i for i, node in enumerate(needed)}
+                frontier_rows = [row + position[node] for node in builder.frontier()[s]]
+                rows += frontier_rows
+                per_seq_rows.append(len(frontier_rows))
+                row += tree.num_nodes
+            logits, _ = self.runner.run(items, rows)
+            flat = top_candidates(logits, self.num_candidates)
+            per_seq: list[list[Candidates]] = [[] for _ in requests]
+            start = 0
+            for s, count in zip(active, per_seq_rows):
+                per_seq[s] = flat[start : start + count]
+                start += count
+            builder.extend(per_seq)
+        if self.select_counts is None:
+            return builder.trees()
+        counts = self.select_counts(builder.path_probs(), time.perf_counter() - propose_start)
+        return builder.trees([min(c, r.max_tree_tokens) for c, r in zip(counts, requests)])
+
+    def commit(self, seq_id: str, num_committed: int) -> None:
+        """Nothing to move: the next ``propose`` trims to the root and recomputes accepted tokens."""
+        return None
+
+    def release(self, seq_id: str) -> None:
+        self.kv_manager.free(seq_id)
+        self.num_cached.pop(seq_id, None)

@@ -1,0 +1,99 @@
+import pytest
+
+from specserve.tree import TokenTree
+from specserve.tree.builders import (
+    DynamicTreeBuilder,
+    StaticTreeBuilder,
+    best_num_nodes,
+    merge_trees,
+    tree_from_paths_within_budget,
+)
+
+
+def fake_candidates(builder, table):
+    """Candidates of every frontier node, looked up by the node's token in ``table``."""
+    out = []
+    for s, nodes in enumerate(builder.frontier()):
+        out.append([table[builder.growing[s].token_ids[n]] for n in nodes])
+    return out
+
+
+TABLE = {
+    # token -> candidates (token, prob), best first
+    1: [(10, 0.6), (11, 0.3), (12, 0.1)],
+    10: [(20, 0.9), (21, 0.05)],
+    11: [(22, 0.5), (23, 0.4)],
+    12: [(24, 1.0)],
+    20: [(30, 0.5)], 21: [(31, 0.5)], 22: [(32, 0.5)], 23: [(33, 0.5)], 24: [(34, 0.5)],
+}
+
+
+def test_static_builder_expands_widths_per_depth():
+    builder = StaticTreeBuilder([1], widths=(2, 1, 1), max_nodes=[16], max_depths=[3])
+    while any(builder.frontier()):
+        builder.extend(fake_candidates(builder, TABLE))
+    (tree,) = builder.trees()
+    assert tree == TokenTree((1, 10, 11, 20, 22, 30, 32), (-1, 0, 0, 1, 2, 3, 4))
+    assert builder.path_probs()[0] == pytest.approx([0.6, 0.54, 0.3, 0.27, 0.15, 0.075])
+    # the 3 most probable nodes: 10, 20, 11
+    assert builder.trees([3])[0] == TokenTree((1, 10, 11, 20), (-1, 0, 0, 1))
+
+
+def test_static_builder_respects_budget_and_depth():
+    builder = StaticTreeBuilder([1, 1], widths=(3, 2, 1), max_nodes=[4, 16], max_depths=[3, 1])
+    levels = 0
+    while any(builder.frontier()):
+        builder.extend(fake_candidates(builder, TABLE))
+        levels += 1
+    small, shallow = builder.trees()
+    assert small == TokenTree((1, 10, 11, 12, 20), (-1, 0, 0, 0, 1))  # 4 draft nodes
+    assert shallow == TokenTree((1, 10, 11, 12), (-1, 0, 0, 0))  # depth 1
+    assert levels == 3
+
+
+def test_dynamic_builder_expands_likeliest_and_keeps_best_overall():
+    builder = DynamicTreeBuilder([1], top_k=2, max_nodes=[4], max_depths=[3])
+    frontiers = []
+    while any(builder.frontier()):
+        frontiers.append([builder.growing[0].token_ids[n] for n in builder.frontier()[0]])
+        builder.extend(fake_candidates(builder, TABLE))
+    # level 0 expands the root; level 1 the two likeliest of {10: .6, 11: .3};
+    # level 2 the two likeliest of {20: .54, 21: .03, 22: .15, 23: .12}
+    assert frontiers == [[1], [10, 11], [20, 22]]
+    (tree,) = builder.trees()
+    # best 4 by path probability: 10 (.6), 20 (.54), 11 (.3), 30 (.27)
+    assert tree == TokenTree((1, 10, 11, 20, 30), (-1, 0, 0, 1, 3))
+    assert builder.path_probs()[0][:4] == pytest.approx([0.6, 0.54, 0.3, 0.27])
+
+
+def test_dynamic_selection_is_ancestor_closed_under_ties():
+    table = {1: [(5, 1.0)], 5: [(6, 1.0)], 6: [(7, 1.0)]}
+    builder = DynamicTreeBuilder([1], top_k=1, max_nodes=[2], max_depths=[3])
+    while any(builder.frontier()):
+        builder.extend(fake_candidates(builder, table))
+    assert builder.trees()[0] == TokenTree((1, 5, 6), (-1, 0, 1))
+
+
+def test_best_num_nodes_maximises_tokens_per_second():
+    # verifying costs 10 ms for up to 2 drafts, then 20 ms
+    cost = [0.010, 0.010, 0.010, 0.020, 0.020]
+    assert best_num_nodes([0.9, 0.8, 0.1, 0.1], cost) == 2  # (1+1.7)/.01 beats (1+1.9)/.02
+    assert best_num_nodes([0.9, 0.8, 0.7, 0.7], cost) == 2  # 270 vs 3.4/.02 = 170 tokens/s
+    assert best_num_nodes([0.0, 0.0], cost) == 0
+    assert best_num_nodes([0.9, 0.9, 0.9, 0.9], [0.01, 0.01, 0.01, 0.01, 0.01]) == 4
+
+
+def test_merge_deduplicates_identical_paths_round_robin():
+    a = TokenTree.from_paths(1, [[2, 3], [4]])
+    b = TokenTree.from_paths(1, [[2, 3, 5], [6]])
+    merged = merge_trees([a, b], max_nodes=16)
+    assert merged == TokenTree.from_paths(1, [[2, 3], [2, 3, 5], [4], [6]])
+    assert merged.num_nodes == 6  # 2, 3, 5, 4, 6 plus the root
+    assert merge_trees([a, b], max_nodes=3) == TokenTree.from_paths(1, [[2, 3], [2, 3, 5]])
+    with pytest.raises(ValueError):
+        merge_trees([a, TokenTree((9,), (-1,))], 4)
+
+
+def test_paths_within_budget_cut_the_last_path():
+    tree = tree_from_paths_within_budget(1, [[2, 3], [2, 4, 5, 6]], max_nodes=4)
+    assert tree == TokenTree.from_paths(1, [[2, 3], [2, 4, 5]])  # 4 draft nodes: 2, 3, 4, 5
