@@ -31,8 +31,12 @@ class ModelConfig:
     max_model_len: int | None = None
     seed: int = 0
     attention_backend: str = "auto"  # auto: the Triton kernel on CUDA, batched dense on the CPU
+    offload: bool = False  # keep layers in host memory, stream them to the device per forward
+    gpu_memory_budget_gb: float | None = None  # offload: weights kept on the device (None: none)
 
     def __post_init__(self) -> None:
+        if self.gpu_memory_budget_gb is not None and (not self.offload or self.gpu_memory_budget_gb <= 0):
+            raise SpecserveError("--gpu-memory-budget needs --offload and a positive number of GB")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise SpecserveError(
                 f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}, "

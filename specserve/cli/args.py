@@ -27,6 +27,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks")
     group.add_argument("--kv-cache-memory", type=float, default=None, help="KV pool size in GB")
     group.add_argument("--no-prefix-caching", action="store_true", help="do not share prompt prefixes")
+    group.add_argument("--offload", action="store_true",
+                       help="keep the model's layers in CPU memory and stream them to the GPU per forward")
+    group.add_argument("--gpu-memory-budget", type=float, default=None, metavar="GB",
+                       help="with --offload: GB of weights that stay on the GPU (default: none)")
     group.add_argument(
         "--speculative-config", default=None,
         help="'off', a method name (ngram), or JSON, e.g. '{\"method\": \"ngram\", \"max_tree_tokens\": 16}'",
@@ -36,7 +40,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=ModelConfig(
-            model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len
+            model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+            offload=args.offload, gpu_memory_budget_gb=args.gpu_memory_budget,
         ),
         cache=CacheConfig(
             block_size=args.block_size,

@@ -84,6 +84,17 @@ class LLMEngine:
         cache_file = cache_root() / "calibration" / f"{tag}-{sizes[-1]}.json"
         return load_or_measure(self.runner, cache_file, sizes)
 
+    def memory_report(self) -> dict[str, int]:
+        """Weight bytes on the device and in host memory, resident layers, KV pool bytes."""
+        residency = self.loaded.residency
+        kv_bytes = self.kv_cache.kv.numel() * self.kv_cache.kv.element_size()
+        if residency is not None:
+            return {"device_bytes": residency.device_bytes, "host_bytes": residency.host_bytes,
+                    "resident_layers": residency.num_resident, "kv_cache_bytes": kv_bytes}
+        weights = sum(p.numel() * p.element_size() for p in self.loaded.model.parameters())
+        return {"device_bytes": weights, "host_bytes": 0, "resident_layers": self.loaded.arch.num_layers,
+                "kv_cache_bytes": kv_bytes}
+
     @property
     def max_model_len(self) -> int:
         return self.loaded.max_model_len

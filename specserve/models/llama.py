@@ -9,6 +9,8 @@ Parameter names follow transformers' checkpoints, except that q/k/v and gate/up 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -119,9 +121,15 @@ class LlamaForCausalLM(nn.Module):
         """
         hidden = self.embed_tokens(input_ids)
         cos_sin = self.cos_sin[positions]
-        for layer, kv_cache in zip(self.layers[: num_layers or self.cfg.num_layers], kv_caches):
+        for layer, kv_cache in zip(self.layer_sequence(num_layers or self.cfg.num_layers), kv_caches):
             hidden = layer(hidden, cos_sin, kv_cache, meta, self.attention)
         return self.norm(hidden)
+
+    def layer_sequence(self, num_layers: int) -> Iterator[Callable[..., torch.Tensor]]:
+        """The first ``num_layers`` decoder layers, in order, each callable as
+        ``layer(hidden, cos_sin, kv_cache, meta, attention)``. Resident here; the offloaded
+        model streams its layers' weights in as the iteration reaches them."""
+        return iter(self.layers[:num_layers])
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[num_tokens, hidden_size] -> [num_tokens, vocab_size] float32."""

@@ -28,6 +28,8 @@ from specserve.models.llama import LlamaForCausalLM
 from specserve.models.rope import rope_cos_sin
 from specserve.models.source import ModelSource, resolve_model
 from specserve.models.tokenizer import load_tokenizer
+from specserve.offload.offloaded_model import offload_model
+from specserve.offload.planner import ResidencyPlan, plan_residency
 
 CACHE_ENV = "SPECSERVE_CACHE_DIR"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -43,6 +45,7 @@ class LoadedModel:
     dtype: torch.dtype
     max_model_len: int
     eos_token_ids: tuple[int, ...]
+    residency: ResidencyPlan | None = None  # set when layers are offloaded to host memory
 
 
 def resolve_device(device: str) -> torch.device:
@@ -104,6 +107,12 @@ def read_weights(source: ModelSource) -> tuple[LlamaArchConfig, Iterator[tuple[s
     except OSError:
         cache_dir = None  # no cache: the next load parses the GGUF again
     return cfg, iter(tensors.items()), count, cache_dir
+
+
+def select_backend_name(name: str, device: torch.device) -> str:
+    """The attention backend for where the model will run (an offloaded model is built on the
+    CPU but runs on ``device``)."""
+    return select_attention_backend(device, name).name
 
 
 def empty_model(
@@ -186,8 +195,12 @@ def load_model(config: ModelConfig) -> LoadedModel:
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     cfg, tensors, count, cache_dir = read_weights(source)
-    model = empty_model(cfg, device, dtype, config.attention_backend)
+    residency = plan_residency(cfg, dtype, config.gpu_memory_budget_gb) if config.offload else None
+    build_device = torch.device("cpu") if residency is not None else device
+    model = empty_model(cfg, build_device, dtype, select_backend_name(config.attention_backend, device))
     fill_weights(model, tensors, count, desc=f"loading {source.name}")
+    if residency is not None:
+        model = offload_model(model, device, residency.num_resident)
     tokenizer = load_tokenizer(source, None if cache_dir is None else cache_dir / "tokenizer")
     max_model_len = cfg.max_position_embeddings
     if config.max_model_len is not None:
@@ -208,4 +221,5 @@ def load_model(config: ModelConfig) -> LoadedModel:
         dtype=dtype,
         max_model_len=max_model_len,
         eos_token_ids=tuple(sorted(eos)),
+        residency=residency,
     )

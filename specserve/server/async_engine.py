@@ -240,6 +240,7 @@ class AsyncEngine:
             speculative_method=self.config.speculative.method,
         )
         self._record_state(engine)
+        self.metrics.record_memory(**engine.memory_report())
         self._post(self._on_loaded, info)
         while True:
             with self._cond:

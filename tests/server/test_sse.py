@@ -86,9 +86,12 @@ async def test_health_models_and_metrics_endpoints(server, auth):
                      "specserve_time_to_first_token_seconds_bucket", "specserve_inter_token_latency_seconds_bucket",
                      "specserve_prompt_tokens_total", "specserve_generation_tokens_total",
                      "specserve_spec_decode_draft_tokens_total", "specserve_spec_decode_accepted_tokens_total",
-                     "specserve_spec_decode_mean_accepted_length"):
+                     "specserve_spec_decode_mean_accepted_length", "specserve_weights_device_bytes",
+                     "specserve_weights_host_bytes", "specserve_offload_resident_layers", "specserve_kv_cache_bytes"):
             assert f"\n{name}" in text, name
         assert await metric(session, server.base_url, "specserve_kv_cache_total_blocks") > 0
+        assert await metric(session, server.base_url, "specserve_offload_resident_layers") == 30
+        assert await metric(session, server.base_url, "specserve_weights_host_bytes") == 0
 
 
 async def test_speculation_accepts_drafts_and_metrics_count_them(server, auth):

@@ -1,0 +1,127 @@
+"""A Llama model whose last layers live in host memory and stream to the device per forward.
+
+Layout on the device and the host (L layers, the first R resident)::
+
+    device: embeddings, final norm, LM head, layers 0 .. R-1, two working buffers [layer numel]
+    host:   layers R .. L-1 as flat buffers (pinned on CUDA so copies run asynchronously)
+
+Streaming (double buffering): offloaded layer k (counting from R) runs from working buffer
+k % 2. Its copy was issued on a separate copy stream two layers earlier, right after the
+compute stream finished enqueueing the layer that last used that buffer, so layer k's copy
+overlaps layer k-1's compute. Events order the two streams:
+
+    copy stream:    wait freed[b] -> copy layer into buffer b -> record copied[b]
+    compute stream: wait copied[b] -> run the layer from buffer b -> record freed[b]
+
+Keeping the *last* layers offloaded leaves the first ones resident, where an early-exit drafter
+runs them without streaming. On the CPU the same code copies synchronously (the test path).
+One forward streams every offloaded layer once, whatever the number of tokens: a whole token
+tree of every running sequence costs one pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from specserve.models.llama import LlamaDecoderLayer, LlamaForCausalLM
+from specserve.offload.layer_store import FlatLayout
+
+
+class LayerStreamer:
+    """Host flat buffers of the offloaded layers, two device working buffers, streams and events."""
+
+    def __init__(self, template: LlamaDecoderLayer, layout: FlatLayout, host_flats: list[torch.Tensor],
+                 device: torch.device, dtype: torch.dtype) -> None:
+        self.template = template  # a layer on the meta device: structure only, weights come per call
+        self.layout = layout
+        self.host_flats = host_flats  # [num_offloaded] of [numel]
+        self.buffers = [torch.empty(layout.numel, dtype=dtype, device=device) for _ in range(2)]
+        self.buffer_views = [layout.views(b) for b in self.buffers]
+        cuda = device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(device) if cuda else None
+        self.copied = [torch.cuda.Event() for _ in range(2)] if cuda else None
+        self.freed = [torch.cuda.Event() for _ in range(2)] if cuda else None
+
+    @property
+    def num_offloaded(self) -> int:
+        return len(self.host_flats)
+
+    @property
+    def streamed_bytes(self) -> int:
+        """Bytes copied to the device by one full forward."""
+        return sum(flat.numel() * flat.element_size() for flat in self.host_flats)
+
+    def _copy(self, index: int, buffer: int) -> None:
+        if self.copy_stream is None:
+            self.buffers[buffer].copy_(self.host_flats[index])
+            return
+        with torch.cuda.stream(self.copy_stream):
+            self.copy_stream.wait_event(self.freed[buffer])
+            self.buffers[buffer].copy_(self.host_flats[index], non_blocking=True)
+            self.copied[buffer].record(self.copy_stream)
+
+    def _layer_in(self, buffer: int) -> Callable[..., torch.Tensor]:
+        """The template layer run with working buffer ``buffer``'s weights."""
+        views = self.buffer_views[buffer]
+        return lambda *args: functional_call(self.template, views, args)
+
+    def layers(self, count: int) -> Iterator[Callable[..., torch.Tensor]]:
+        """The first ``count`` offloaded layers, each streamed in before it is handed out."""
+        for index in range(min(2, count)):
+            self._copy(index, index)
+        for index in range(count):
+            buffer = index % 2
+            if self.copied is not None:
+                torch.cuda.current_stream().wait_event(self.copied[buffer])
+            yield self._layer_in(buffer)
+            if self.freed is not None:  # the caller has enqueued this layer's compute
+                self.freed[buffer].record(torch.cuda.current_stream())
+            if index + 2 < count:
+                self._copy(index + 2, buffer)
+
+
+class OffloadedLlamaForCausalLM(LlamaForCausalLM):
+    """``LlamaForCausalLM`` with ``self.layers`` holding only the resident layers."""
+
+    def __init__(self, resident_model: LlamaForCausalLM, streamer: LayerStreamer) -> None:
+        nn.Module.__init__(self)
+        self.cfg = resident_model.cfg
+        self.attention = resident_model.attention
+        self.embed_tokens = resident_model.embed_tokens
+        self.layers = resident_model.layers
+        self.norm = resident_model.norm
+        self.lm_head = resident_model.lm_head
+        self.register_buffer("cos_sin", resident_model.cos_sin, persistent=False)
+        self.streamer = streamer
+
+    @property
+    def num_resident(self) -> int:
+        return len(self.layers)
+
+    def layer_sequence(self, num_layers: int) -> Iterator[Callable[..., torch.Tensor]]:
+        yield from self.layers[: min(num_layers, self.num_resident)]
+        yield from self.streamer.layers(max(0, num_layers - self.num_resident))
+
+
+def offload_model(model: LlamaForCausalLM, device: torch.device, num_resident: int) -> OffloadedLlamaForCausalLM:
+    """Keep layers 0 .. num_resident-1 (and everything outside the layers) on ``device``; move
+    the rest into host flat buffers. ``model`` should live on the CPU; it is consumed."""
+    cfg = model.cfg
+    if not 0 <= num_resident <= cfg.num_layers:
+        raise ValueError(f"num_resident must lie in [0, {cfg.num_layers}]")
+    dtype = model.embed_tokens.weight.dtype
+    layout = FlatLayout.of(model.layers[0])
+    pin = device.type == "cuda"
+    host_flats = []
+    for layer in model.layers[num_resident:]:
+        flat = torch.empty(layout.numel, dtype=dtype, pin_memory=pin)
+        host_flats.append(layout.flatten(layer, flat))
+    del model.layers[num_resident:]
+    with torch.device("meta"):
+        template = LlamaDecoderLayer(cfg).to(dtype)
+    model = model.to(device)
+    streamer = LayerStreamer(template, layout, host_flats, device, dtype)
+    return OffloadedLlamaForCausalLM(model, streamer).eval().requires_grad_(False)

@@ -1,0 +1,63 @@
+"""The offload path (layers in a host store, copied per layer into working buffers) gives the
+resident path's outputs exactly, on the CPU."""
+
+import pytest
+import torch
+
+from specserve.config import CacheConfig, EngineConfig, ModelConfig, SamplingParams, SpeculativeConfig
+from specserve.engine.llm_engine import LLMEngine
+from specserve.engine.model_runner import prompt_logits
+from specserve.errors import SpecserveError
+from specserve.models.config import LlamaArchConfig
+from specserve.models.loader import load_model
+from specserve.offload.offloaded_model import OffloadedLlamaForCausalLM
+from specserve.offload.planner import layer_numel, plan_residency
+
+PROMPT = [1, 504, 3575, 282, 4649, 314, 7042, 30, 2, 198, 1, 4093]
+
+
+@pytest.fixture(scope="module")
+def offloaded():
+    """SmolLM2 with 10 of its 30 layers resident (a 0.1 GB budget in float32), the rest streamed."""
+    return load_model(ModelConfig(device="cpu", dtype="float32", offload=True, gpu_memory_budget_gb=0.25))
+
+
+def test_plan_and_structure(offloaded):
+    plan = offloaded.residency
+    assert isinstance(offloaded.model, OffloadedLlamaForCausalLM)
+    assert plan.num_resident + plan.num_offloaded == 30 and 0 < plan.num_resident < 30
+    assert len(offloaded.model.layers) == plan.num_resident
+    assert offloaded.model.streamer.num_offloaded == plan.num_offloaded
+    assert offloaded.model.streamer.streamed_bytes == plan.host_bytes == plan.num_offloaded * plan.layer_bytes
+
+
+def test_offloaded_logits_equal_resident(smollm, offloaded):
+    torch.testing.assert_close(prompt_logits(offloaded.model, PROMPT), prompt_logits(smollm.model, PROMPT),
+                               rtol=0, atol=0)
+
+
+def test_fully_offloaded_generation_equals_resident_with_speculation(smollm):
+    streamed = load_model(ModelConfig(device="cpu", dtype="float32", offload=True))
+    assert streamed.residency.num_resident == 0
+    spec = SpeculativeConfig(method="ngram", max_tree_tokens=8)
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    prompts = [PROMPT, PROMPT[:5] * 3]
+    ours = LLMEngine(EngineConfig(cache=CacheConfig(num_blocks=64), speculative=spec), loaded=streamed).generate(prompts, params)
+    ref = LLMEngine(EngineConfig(cache=CacheConfig(num_blocks=64)), loaded=smollm).generate(prompts, params)
+    assert [o.token_ids for o in ours] == [o.token_ids for o in ref]
+
+
+def test_planner_arithmetic_and_errors():
+    arch = LlamaArchConfig(vocab_size=100, hidden_size=8, intermediate_size=16, num_layers=4, num_heads=2,
+                           num_kv_heads=1, head_dim=4, max_position_embeddings=64, tie_word_embeddings=True)
+    # q 8x8, k and v 8x4 each, o 8x8, mlp 3x8x16, two norms of 8
+    assert layer_numel(arch) == 8 * 16 + 8 * 8 + 3 * 8 * 16 + 16 == 592
+    layer_bytes = 592 * 4
+    fixed = (100 * 8 + 8) * 4 + 2 * layer_bytes
+    plan = plan_residency(arch, torch.float32, (fixed + 3 * layer_bytes + 1) / 1e9)
+    assert (plan.num_resident, plan.num_offloaded, plan.host_bytes) == (3, 1, layer_bytes)
+    assert plan_residency(arch, torch.float32, None).num_resident == 0
+    with pytest.raises(SpecserveError, match="too small"):
+        plan_residency(arch, torch.float32, 1e-9)
+    with pytest.raises(SpecserveError, match="needs --offload"):
+        ModelConfig(gpu_memory_budget_gb=4.0)
