@@ -21,7 +21,13 @@ import time
 import torch
 
 from bench.common import PROMPTS_DIR, environment, load_prompts, save_json, sync
-from specserve.config import CacheConfig, EngineConfig, ModelConfig, SamplingParams, SpeculativeConfig
+from specserve.config import (
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    SamplingParams,
+    SpeculativeConfig,
+)
 from specserve.engine.llm_engine import LLMEngine
 from specserve.engine.model_runner import TreeBatchItem
 from specserve.engine.prompts import chat_prompt_ids

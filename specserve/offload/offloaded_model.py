@@ -22,6 +22,7 @@ tree of every running sequence costs one pass.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+
 import torch
 from torch import nn
 from torch.func import functional_call

@@ -3,7 +3,13 @@ and speculation keeps greedy output identical (fp32). Skipped without a GPU."""
 
 import pytest
 
-from specserve.config import CacheConfig, EngineConfig, ModelConfig, SamplingParams, SpeculativeConfig
+from specserve.config import (
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    SamplingParams,
+    SpeculativeConfig,
+)
 from specserve.engine.llm_engine import LLMEngine
 from specserve.engine.prompts import chat_prompt_ids
 from specserve.models.loader import load_model

@@ -4,7 +4,13 @@ resident path's outputs exactly, on the CPU."""
 import pytest
 import torch
 
-from specserve.config import CacheConfig, EngineConfig, ModelConfig, SamplingParams, SpeculativeConfig
+from specserve.config import (
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    SamplingParams,
+    SpeculativeConfig,
+)
 from specserve.engine.llm_engine import LLMEngine
 from specserve.engine.model_runner import prompt_logits
 from specserve.errors import SpecserveError
