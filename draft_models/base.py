@@ -15,6 +15,7 @@ class DraftRequest:
     token_ids: Sequence[int]  # the whole sequence; its last token is the tree's root
     max_tree_tokens: int  # draft nodes allowed, root not counted (>= 0)
     max_depth: int  # longest draft path allowed (>= 0)
+    drafters: tuple[str, ...] | None = None  # a merged drafter's members allowed to propose; None: all
 
 
 class Drafter(Protocol):

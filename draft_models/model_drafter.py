@@ -26,6 +26,7 @@ from draft_models.base import DraftRequest
 from specserve.cache.kv_cache import KVCache
 from specserve.cache.kv_cache_manager import KVCacheManager
 from specserve.config import SpeculativeConfig
+from specserve.engine.cuda_graphs import GraphBuckets
 from specserve.engine.model_runner import ModelRunner, TreeBatchItem
 from specserve.models.llama import LlamaForCausalLM
 from specserve.tree import TokenTree
@@ -48,20 +49,23 @@ class ModelDrafter:
         num_blocks: int,
         block_size: int,
         select_counts: Callable[[list[list[float]], float], list[int]] | None = None,
+        graph_buckets: GraphBuckets | None = None,
     ) -> None:
         """``select_counts(ranked path probabilities per sequence, drafting seconds so far)``
         picks how many of each tree's most probable nodes to keep (the Sequoia-like budget);
-        without it every tree keeps up to its request's max_tree_tokens nodes."""
+        without it every tree keeps up to its request's max_tree_tokens nodes.
+        ``graph_buckets``: steps that fit one run padded (CUDA graphs on CUDA); our cache then
+        has one block past the pool, the padding rows' dummy block."""
         if not 1 <= num_layers <= model.cfg.num_layers:
             raise ValueError(f"a drafter needs 1..{model.cfg.num_layers} layers, not {num_layers}")
         device = model.embed_tokens.weight.device
         self.config = config
         self.kv_manager = KVCacheManager(num_blocks, block_size, enable_prefix_caching=False)
         self.kv_cache = KVCache(
-            num_layers, num_blocks, block_size, model.cfg.num_kv_heads, model.cfg.head_dim,
-            model.embed_tokens.weight.dtype, device,
+            num_layers, num_blocks + (graph_buckets is not None), block_size, model.cfg.num_kv_heads,
+            model.cfg.head_dim, model.embed_tokens.weight.dtype, device,
         )
-        self.runner = ModelRunner(model, self.kv_cache, self.kv_manager, num_layers)
+        self.runner = ModelRunner(model, self.kv_cache, self.kv_manager, num_layers, graph_buckets)
         self.num_cached: dict[str, int] = {}  # tokens of each sequence with K/V in our cache
         self.select_counts = select_counts
 
@@ -73,8 +77,8 @@ class ModelDrafter:
     def max_nodes_created(self, max_tree_tokens: int, max_depth: int) -> int:
         """Upper bound on the nodes one level's subtree can hold (slots to reserve)."""
         cfg = self.config
-        if cfg.tree == "dynamic":
-            return 1 + max_depth * cfg.top_k * cfg.top_k
+        if cfg.tree == "dynamic":  # a request's max_depth may exceed ours: the builder caps it
+            return 1 + min(max_depth, cfg.max_depth) * cfg.top_k * cfg.top_k
         return 1 + max_tree_tokens
 
     def _builder(self, requests: list[DraftRequest]):

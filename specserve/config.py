@@ -7,6 +7,7 @@ objects, not here. The CLI converts its arguments into these once.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -33,6 +34,10 @@ class ModelConfig:
     attention_backend: str = "auto"  # auto: the Triton kernel on CUDA, batched dense on the CPU
     offload: bool = False  # keep layers in host memory, stream them to the device per forward
     gpu_memory_budget_gb: float | None = None  # offload: weights kept on the device (None: none)
+    # True: every forward runs eagerly. False: decode/verify steps that fit a bucket replay CUDA
+    # graphs (CUDA, Triton attention, no offload; see specserve/engine/cuda_graphs.py). Eager by
+    # default until tests/engine/test_cuda_graphs_gpu.py has passed on the GPU.
+    enforce_eager: bool = True
 
     def __post_init__(self) -> None:
         if self.gpu_memory_budget_gb is not None and (not self.offload or self.gpu_memory_budget_gb <= 0):
@@ -89,14 +94,31 @@ class SchedulerConfig:
             )
 
 
+MAX_LOGIT_BIAS_ENTRIES = 1024
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """Per-request sampling. temperature 0 is greedy; top_k 0 and top_p 1 switch those off."""
+    """Per-request sampling controls, applied in this order (``engine.sampler`` states each)::
+
+        logits + logit_bias -> repetition_penalty (prompt and generated tokens)
+               -> - frequency_penalty * count - presence_penalty * [count > 0] (generated tokens)
+               -> / temperature -> softmax -> min_p -> top_k -> top_p
+
+    temperature 0 is greedy (the argmax after the first three, which steer greedy too);
+    top_k 0, top_p 1, min_p 0, penalties 0 (repetition 1) and an empty logit_bias are off.
+    ``logit_bias`` holds (token id, bias) pairs, sorted, each id once.
+    """
 
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
@@ -107,26 +129,111 @@ class SamplingParams:
             raise RequestError("max_tokens must be an integer", "max_tokens")
         if self.max_tokens < 1:
             raise RequestError(f"max_tokens must be at least 1, not {self.max_tokens}", "max_tokens")
-        if not isinstance(self.temperature, int | float) or self.temperature < 0:
+        if not _is_number(self.temperature) or self.temperature < 0:
             raise RequestError(
                 f"temperature must be a number >= 0, not {self.temperature!r}", "temperature"
             )
-        if not isinstance(self.top_p, int | float) or not 0 < self.top_p <= 1:
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
             raise RequestError(f"top_p must lie in (0, 1], not {self.top_p!r}", "top_p")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise RequestError(f"top_k must be an integer >= 0 (0: off), not {self.top_k!r}", "top_k")
+        if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
+            raise RequestError(f"min_p must lie in [0, 1] (0: off), not {self.min_p!r}", "min_p")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -2 <= value <= 2:
+                raise RequestError(f"{name} must lie in [-2, 2] (0: off), not {value!r}", name)
+        if not _is_number(self.repetition_penalty) or not 0 < self.repetition_penalty <= 10:
+            raise RequestError(
+                f"repetition_penalty must lie in (0, 10] (1: off), not {self.repetition_penalty!r}",
+                "repetition_penalty",
+            )
+        self._check_logit_bias()
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise RequestError(f"seed must be an integer, not {self.seed!r}", "seed")
         if any(not isinstance(s, str) or s == "" for s in self.stop):
             raise RequestError("stop must be a list of non-empty strings", "stop")
 
+    def _check_logit_bias(self) -> None:
+        bias = self.logit_bias
+        if len(bias) > MAX_LOGIT_BIAS_ENTRIES:
+            raise RequestError(
+                f"logit_bias may hold at most {MAX_LOGIT_BIAS_ENTRIES} tokens, not {len(bias)}", "logit_bias"
+            )
+        for entry in bias:
+            if not (isinstance(entry, tuple) and len(entry) == 2):
+                raise RequestError("logit_bias must map token ids to numbers", "logit_bias")
+            token_id, value = entry
+            if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0:
+                raise RequestError(f"logit_bias keys must be token ids >= 0, not {token_id!r}", "logit_bias")
+            if not _is_number(value) or not -100 <= value <= 100:
+                raise RequestError(f"logit_bias values must lie in [-100, 100], not {value!r}", "logit_bias")
+        ids = [token_id for token_id, _ in bias]
+        if ids != sorted(set(ids)):
+            raise RequestError("logit_bias must list each token id once, in increasing order", "logit_bias")
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def uses_history(self) -> bool:
+        """The controls read the tokens so far (penalties): each tree node needs its path's counts."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+    @property
+    def shifts_logits(self) -> bool:
+        """Some control changes logits before temperature, so greedy is not the raw argmax."""
+        return self.uses_history or bool(self.logit_bias)
+
+
+def _is_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+
+
+DRAFTER_NAMES = ("ngram", "early_exit", "draft")
+
+
+@dataclass(frozen=True)
+class SpeculationParams:
+    """One request's speculation policy. None takes the server's limit; a request can lower the
+    server's limits, never raise them (``LLMEngine.resolve_speculation`` clamps larger values).
+
+    enabled          False: plain decoding for this request
+    max_tree_tokens  draft nodes per step (the root not counted); 0 drafts nothing
+    max_depth        draft tokens on one path
+    drafters         which of the server's drafters may propose (names of ``DRAFTER_NAMES``);
+                     names the server does not run are dropped, none left means no drafting
+    """
+
+    enabled: bool = True
+    max_tree_tokens: int | None = None
+    max_depth: int | None = None
+    drafters: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise RequestError("speculation.enabled must be true or false", "speculation.enabled")
+        for name in ("max_tree_tokens", "max_depth"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise RequestError(f"speculation.{name} must be an integer >= 0, not {value!r}",
+                                   f"speculation.{name}")
+        if self.drafters is not None and any(d not in DRAFTER_NAMES for d in self.drafters):
+            raise RequestError(
+                f"speculation.drafters must name drafters among {', '.join(DRAFTER_NAMES)}",
+                "speculation.drafters",
+            )
+
 
 SPECULATION_METHODS = ("off", "ngram", "early_exit", "draft", "merge")
 TREE_SHAPES = ("static", "dynamic")
+
+
+def _is_merge_member(entry: object) -> bool:
+    if not isinstance(entry, str):
+        return False
+    return entry in ("ngram", "early_exit", "draft") or (entry.startswith("draft:") and len(entry) > 6)
 
 
 @dataclass(frozen=True)
@@ -135,7 +242,8 @@ class SpeculativeConfig:
 
     method           drafter: "ngram" (prompt lookup), "early_exit" (the target's first
                      ``num_layers`` layers, its norm and head), "draft" (a small trained model,
-                     ``draft_model``), "merge" (the trees of ``merge`` drafters merged into one)
+                     ``draft_model``), "merge" (the trees of ``merge`` drafters merged into one;
+                     entries: ngram, early_exit, draft, or draft:NAME for several trained drafts)
     max_tree_tokens  cap on draft nodes per sequence per step (the root not counted)
     max_depth        cap on the tree's depth (draft tokens on one path)
     tree             model drafters: "static" (SpecInfer: ``widths[d]`` children per node at
@@ -144,7 +252,12 @@ class SpeculativeConfig:
     budget           "fixed": trees of up to max_tree_tokens nodes; "auto" (model drafters):
                      keep the number of likeliest nodes that maximises expected tokens per
                      second under this device's measured verification cost (Sequoia-like)
-    step_cost        "auto" only: a calibration JSON file to use instead of measuring at start
+    step_cost        a calibration JSON file to use instead of measuring at start (the curve
+                     serves "auto" budgets and the per-request switch-off)
+    switch_off       stop drafting for a request while its recent acceptance makes speculation
+                     slower for it than plain decoding (by the measured step cost); probe every
+                     ``probe_interval`` plain steps (doubling while probes fail, at most 8x) and
+                     resume when a probe pays; decided over the last ``switch_off_window`` steps
     ngram_max / ngram_min  ngram only: longest / shortest suffix to match in the context
     """
 
@@ -161,6 +274,9 @@ class SpeculativeConfig:
     step_cost: str | None = None
     ngram_max: int = 4
     ngram_min: int = 1
+    switch_off: bool = True
+    switch_off_window: int = 4
+    probe_interval: int = 16
 
     def __post_init__(self) -> None:
         if self.method not in SPECULATION_METHODS:
@@ -185,17 +301,32 @@ class SpeculativeConfig:
         if self.method == "draft" and not self.draft_model:
             raise SpecserveError("method 'draft' needs draft_model: a trained draft's folder or name")
         if self.method == "merge":
-            if len(self.merge) < 2 or any(m not in SPECULATION_METHODS[1:4] for m in self.merge):
-                raise SpecserveError("method 'merge' needs merge: two or more of ngram, early_exit, draft")
+            if len(self.merge) < 2 or not all(_is_merge_member(m) for m in self.merge):
+                raise SpecserveError(
+                    "method 'merge' needs merge: two or more of ngram, early_exit, draft "
+                    "(draft_model) or draft:NAME (a trained draft's folder or name)"
+                )
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise SpecserveError("ngram sizes need 1 <= ngram_min <= ngram_max")
+        if self.switch_off_window < 2 or self.probe_interval < 1:
+            raise SpecserveError("switch_off_window must be at least 2 and probe_interval at least 1")
+
+    @property
+    def drafter_names(self) -> tuple[str, ...]:
+        """The drafters this config runs (empty when speculation is off)."""
+        if self.method == "merge":
+            return self.merge
+        return (self.method,) if self.enabled else ()
 
     @property
     def enabled(self) -> bool:
         return self.method != "off"
 
     def with_method(self, method: str) -> SpeculativeConfig:
-        """The same settings for one of the merged drafters."""
+        """The same settings for one of the merged drafters: a method name, or ``draft:NAME``
+        for the trained draft NAME (so that several trained drafts can be merged)."""
+        if method.startswith("draft:"):
+            return replace(self, method="draft", draft_model=method.removeprefix("draft:"), merge=())
         return replace(self, method=method, merge=())
 
     @classmethod

@@ -31,6 +31,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="keep the model's layers in CPU memory and stream them to the GPU per forward")
     group.add_argument("--gpu-memory-budget", type=float, default=None, metavar="GB",
                        help="with --offload: GB of weights that stay on the GPU (default: none)")
+    group.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction,
+                       default=ModelConfig.enforce_eager,
+                       help="run every forward eagerly; --no-enforce-eager replays CUDA graphs of "
+                            "decode and verify steps (CUDA only)")
     group.add_argument(
         "--speculative-config", default=None,
         help="'off', a method name (ngram), or JSON, e.g. '{\"method\": \"ngram\", \"max_tree_tokens\": 16}'",
@@ -42,6 +46,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         model=ModelConfig(
             model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
             offload=args.offload, gpu_memory_budget_gb=args.gpu_memory_budget,
+            enforce_eager=args.enforce_eager,
         ),
         cache=CacheConfig(
             block_size=args.block_size,

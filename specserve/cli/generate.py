@@ -21,6 +21,12 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0, help="0 switches top-k off")
+    parser.add_argument("--min-p", type=float, default=0.0, help="0 switches min-p off")
+    parser.add_argument("--presence-penalty", type=float, default=0.0)
+    parser.add_argument("--frequency-penalty", type=float, default=0.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="1 switches it off")
+    parser.add_argument("--logit-bias", action="append", default=[], metavar="ID=BIAS",
+                        help="add BIAS to token ID's logit (repeatable)")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--raw", action="store_true", help="do not apply the chat template")
@@ -37,12 +43,31 @@ def read_prompt(args: argparse.Namespace) -> str:
     return sys.stdin.read()
 
 
+def parse_logit_bias(items: list[str]) -> tuple[tuple[int, float], ...]:
+    """``["42=-5", "7=1.5"]`` -> ((7, 1.5), (42, -5.0)); a later entry for an id replaces an earlier."""
+    bias: dict[int, float] = {}
+    for item in items:
+        token_id, sep, value = item.partition("=")
+        try:
+            bias[int(token_id)] = float(value)
+        except ValueError:
+            raise SpecserveError(f"--logit-bias takes ID=BIAS, such as 42=-5, not {item!r}") from None
+        if not sep:
+            raise SpecserveError(f"--logit-bias takes ID=BIAS, such as 42=-5, not {item!r}")
+    return tuple(sorted(bias.items()))
+
+
 def run(args: argparse.Namespace) -> int:
     params = SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
         top_k=args.top_k,
+        min_p=args.min_p,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        repetition_penalty=args.repetition_penalty,
+        logit_bias=parse_logit_bias(args.logit_bias),
         seed=args.seed,
         stop=tuple(args.stop),
     )

@@ -76,17 +76,21 @@ def select_nodes_by_cost(cost: StepCost, ranked_probs: list[list[float]], draft_
 
 
 @torch.inference_mode()
-def measure_step_cost(runner: ModelRunner, sizes: tuple[int, ...] = CALIBRATION_SIZES, repeats: int = 5) -> StepCost:
-    """Median seconds of a forward (logits of every row included) over a chain of each size."""
+def measure_step_cost(
+    runner: ModelRunner, sizes: tuple[int, ...] = CALIBRATION_SIZES, repeats: int = 5,
+    context_len: int = CALIBRATION_CONTEXT,
+) -> StepCost:
+    """Median seconds of a forward (logits of every row included) over a chain of each size,
+    after ``context_len`` cached tokens."""
     manager = runner.kv_manager
     seq_id = "__calibration__"
-    context = [1] * (CALIBRATION_CONTEXT + max(sizes))
+    context = [1] * (context_len + max(sizes))
     manager.add_sequence(seq_id, context)
     try:
         manager.allocate_slots(seq_id, 0, len(context))
         seconds = []
         for size in sizes:
-            item = TreeBatchItem(seq_id, CALIBRATION_CONTEXT, TokenTree.chain([1] * size))
+            item = TreeBatchItem(seq_id, context_len, TokenTree.chain([1] * size))
             rows = list(range(size))
             runner.run([item], rows)  # warm-up (Triton compiles, caches fill)
             times = []
@@ -104,14 +108,15 @@ def measure_step_cost(runner: ModelRunner, sizes: tuple[int, ...] = CALIBRATION_
 
 
 def load_or_measure(
-    runner: ModelRunner, cache_file: Path | None, sizes: tuple[int, ...] = CALIBRATION_SIZES
+    runner: ModelRunner, cache_file: Path | None, sizes: tuple[int, ...] = CALIBRATION_SIZES,
+    context_len: int = CALIBRATION_CONTEXT,
 ) -> StepCost:
     if cache_file is not None and cache_file.is_file():
         try:
             return StepCost.from_json(cache_file.read_text())
         except (ValueError, KeyError):
             pass  # a damaged cache entry is measured again
-    cost = measure_step_cost(runner, sizes)
+    cost = measure_step_cost(runner, sizes, context_len=context_len)
     if cache_file is not None:
         try:
             cache_file.parent.mkdir(parents=True, exist_ok=True)

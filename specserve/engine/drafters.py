@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from draft_models.base import Drafter, DraftRequest
 from specserve.config import SpeculativeConfig
 from specserve.errors import SpecserveError
@@ -12,13 +14,22 @@ from specserve.tree.builders import merge_trees
 
 class MergedDrafter:
     """SpecInfer's merge-based tree: every drafter proposes with the full budget, and their
-    trees are merged (identical paths once) and cut back to the budget."""
+    trees are merged (identical paths once) and cut back to the budget. A request that names
+    its ``drafters`` gets nothing from the others (they still see it, with a zero budget, so a
+    model drafter's cache keeps up with the sequence)."""
 
-    def __init__(self, drafters: list[Drafter]) -> None:
+    def __init__(self, drafters: list[Drafter], names: tuple[str, ...]) -> None:
+        if len(drafters) != len(names):
+            raise ValueError("one name per merged drafter")
         self.drafters = drafters
+        self.names = names
 
     def propose(self, requests: list[DraftRequest]) -> list[TokenTree]:
-        proposals = [drafter.propose(requests) for drafter in self.drafters]
+        proposals = [
+            drafter.propose([r if r.drafters is None or name in r.drafters else replace(r, max_tree_tokens=0)
+                             for r in requests])
+            for drafter, name in zip(self.drafters, self.names)
+        ]
         return [
             merge_trees([trees[i] for trees in proposals], request.max_tree_tokens)
             for i, request in enumerate(requests)
@@ -54,14 +65,16 @@ def make_drafter(
     block_size: int,
     max_num_seqs: int,
     select_counts=None,
+    graph_buckets=None,
 ) -> Drafter | None:
     """``num_blocks``: the target's KV pool size; model drafters get as many blocks again for the
-    committed tokens they mirror, plus room for every running sequence's largest tree."""
+    committed tokens they mirror, plus room for every running sequence's largest tree.
+    ``graph_buckets``: model drafters' steps that fit one run padded, as CUDA graphs on CUDA."""
     if cfg.method == "off":
         return None
     if cfg.method == "merge":
         return MergedDrafter([make_drafter(cfg.with_method(m), loaded, num_blocks, block_size, max_num_seqs,
-                                           select_counts) for m in cfg.merge])
+                                           select_counts, graph_buckets) for m in cfg.merge], cfg.merge)
     if cfg.method == "ngram":
         from draft_models.ngram import NgramDrafter
 
@@ -75,10 +88,12 @@ def make_drafter(
             raise SpecserveError(
                 f"early_exit num_layers must be at most the target's {loaded.arch.num_layers} layers"
             )
-        return ModelDrafter(loaded.model, cfg.num_layers, cfg, draft_blocks, block_size, select_counts)
+        return ModelDrafter(loaded.model, cfg.num_layers, cfg, draft_blocks, block_size, select_counts,
+                            graph_buckets)
     if cfg.method == "draft":
         from draft_models.small_draft import load_draft
 
         draft = load_draft(cfg.draft_model, loaded)
-        return ModelDrafter(draft, draft.cfg.num_layers, cfg, draft_blocks, block_size, select_counts)
+        return ModelDrafter(draft, draft.cfg.num_layers, cfg, draft_blocks, block_size, select_counts,
+                            graph_buckets)
     raise SpecserveError(f"speculative method {cfg.method!r} is not available")

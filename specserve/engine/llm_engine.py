@@ -17,20 +17,24 @@ import torch
 from draft_models.base import Drafter
 from specserve.cache.kv_cache import KVCache, choose_num_blocks
 from specserve.cache.kv_cache_manager import KVCacheManager
-from specserve.config import EngineConfig, SamplingParams, SpeculativeConfig
+from specserve.config import EngineConfig, SamplingParams, SpeculationParams, SpeculativeConfig
 from specserve.engine.calibration import (
+    CALIBRATION_CONTEXT,
     CALIBRATION_SIZES,
     StepCost,
     load_or_measure,
     select_nodes_by_cost,
 )
+from specserve.engine.cuda_graphs import graph_buckets_for
 from specserve.engine.detokenizer import IncrementalDetokenizer
 from specserve.engine.drafters import drafter_kv_layers, make_drafter
 from specserve.engine.model_runner import ModelRunner, TreeBatchItem
 from specserve.engine.outputs import RequestOutput, StepStats
 from specserve.engine.scheduler import Scheduler
-from specserve.engine.sequence import Sequence, SequenceStatus
+from specserve.engine.sequence import NO_SPECULATION, Sequence, SequenceStatus
 from specserve.engine.speculative import accept, commit, propose, verify
+from specserve.engine.switch_off import DraftStep, SwitchOff
+from specserve.engine.token_counts import TokenCounts
 from specserve.errors import RequestError, SpecserveError
 from specserve.models.loader import LoadedModel, cache_root, load_model
 from specserve.tree import TokenTree
@@ -48,20 +52,23 @@ class LLMEngine:
             extra_layers=drafter_kv_layers(config.speculative, self.loaded),
         )
         self.kv_manager = KVCacheManager(num_blocks, cache_cfg.block_size, cache_cfg.enable_prefix_caching)
-        self.kv_cache = KVCache(
-            arch.num_layers, num_blocks, cache_cfg.block_size, arch.num_kv_heads, arch.head_dim,
-            self.loaded.dtype, self.loaded.device,
+        self.graph_buckets = graph_buckets_for(config, self.loaded)  # None: every forward eager
+        self.kv_cache = KVCache(  # with graphs, one block past the pool: padding rows' dummy block
+            arch.num_layers, num_blocks + (self.graph_buckets is not None), cache_cfg.block_size,
+            arch.num_kv_heads, arch.head_dim, self.loaded.dtype, self.loaded.device,
         )
-        self.runner = ModelRunner(self.loaded.model, self.kv_cache, self.kv_manager)
+        self.runner = ModelRunner(self.loaded.model, self.kv_cache, self.kv_manager, graph_buckets=self.graph_buckets)
         self.scheduler = Scheduler(config.scheduler, self.kv_manager)
-        self.step_cost: StepCost | None = None
+        self.step_cost: StepCost | None = None  # the auto budget's and the switch-off's cost curve
         select_counts = None
-        if config.speculative.enabled and config.speculative.budget == "auto":
-            self.step_cost = self._calibrate(config.speculative)
+        spec = config.speculative
+        if spec.enabled and (spec.budget == "auto" or spec.switch_off):
+            self.step_cost = self._calibrate(spec)
+        if spec.enabled and spec.budget == "auto":
             select_counts = functools.partial(select_nodes_by_cost, self.step_cost)
         self.drafter: Drafter | None = make_drafter(
             config.speculative, self.loaded, num_blocks, cache_cfg.block_size,
-            config.scheduler.max_num_seqs, select_counts,
+            config.scheduler.max_num_seqs, select_counts, self.graph_buckets,
         )
         self.num_draft_slots = config.speculative.max_tree_tokens if self.drafter else 0
         self.sequences: dict[str, Sequence] = {}
@@ -80,9 +87,13 @@ class LLMEngine:
         device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu{torch.get_num_threads()}"
         dtype = str(self.loaded.dtype).removeprefix("torch.")
         tag = f"{device_name}-{self.loaded.name}-{dtype}-bs{self.config.cache.block_size}".replace(" ", "_")
-        sizes = tuple(n for n in CALIBRATION_SIZES if n <= max(2, 2 * (1 + spec.max_tree_tokens)))
-        cache_file = cache_root() / "calibration" / f"{tag}-{sizes[-1]}.json"
-        return load_or_measure(self.runner, cache_file, sizes)
+        # sizes up to twice a full tree; the context shrinks to fit small models and pools
+        room = min(self.max_model_len, self.num_kv_tokens)
+        sizes = tuple(n for n in CALIBRATION_SIZES if n <= max(2, min(2 * (1 + spec.max_tree_tokens), room // 2)))
+        context_len = min(CALIBRATION_CONTEXT, room - sizes[-1])
+        suffix = "" if context_len == CALIBRATION_CONTEXT else f"-ctx{context_len}"
+        cache_file = cache_root() / "calibration" / f"{tag}-{sizes[-1]}{suffix}.json"
+        return load_or_measure(self.runner, cache_file, sizes, context_len)
 
     def memory_report(self) -> dict[str, int]:
         """Weight bytes on the device and in host memory, resident layers, KV pool bytes."""
@@ -116,6 +127,8 @@ class LLMEngine:
         vocab = self.loaded.arch.vocab_size
         if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_token_ids):
             raise RequestError(f"prompt token ids must be integers in [0, {vocab})", "prompt")
+        if any(token_id >= vocab for token_id, _ in params.logit_bias):
+            raise RequestError(f"logit_bias keys must be token ids in [0, {vocab})", "logit_bias")
         total = num_prompt + params.max_tokens
         if total > self.max_model_len:
             raise RequestError(
@@ -133,13 +146,29 @@ class LLMEngine:
                 "max_tokens",
             )
 
+    def resolve_speculation(self, requested: SpeculationParams | None) -> SpeculationParams:
+        """A request's policy within this engine's limits: budgets clamped to the server's, drafters
+        the server does not run dropped, disabled when nothing is left to draft with."""
+        spec = self.config.speculative
+        requested = requested or SpeculationParams()
+        if self.drafter is None or not requested.enabled:
+            return NO_SPECULATION
+        drafters = tuple(d for d in spec.drafter_names if requested.drafters is None or d in requested.drafters)
+        max_tree_tokens = min(spec.max_tree_tokens, _or(requested.max_tree_tokens, spec.max_tree_tokens))
+        max_depth = min(spec.max_depth, _or(requested.max_depth, spec.max_depth))
+        if not drafters or max_tree_tokens == 0 or max_depth == 0:
+            return NO_SPECULATION
+        return SpeculationParams(True, max_tree_tokens, max_depth, drafters)
+
     def add_request(
         self,
         prompt: str | list[int],
         params: SamplingParams,
         request_id: str | None = None,
         arrival_time: float | None = None,
+        speculation: SpeculationParams | None = None,
     ) -> str:
+        """Queue a request; ``speculation`` (None: the server's defaults) is clamped to the server's."""
         prompt_token_ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         self.check_request(prompt_token_ids, params)
         if request_id is None:
@@ -157,7 +186,15 @@ class LLMEngine:
             generator=generator,
             detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.stop),
             arrival_time=time.perf_counter() if arrival_time is None else arrival_time,
+            speculation=self.resolve_speculation(speculation),
         )
+        spec = self.config.speculative
+        if seq.speculation.enabled and spec.switch_off and self.step_cost is not None:
+            seq.switch_off = SwitchOff(spec.switch_off_window, spec.probe_interval)
+        if params.uses_history:
+            seq.token_counts = TokenCounts.from_tokens(
+                prompt_token_ids, [], self.loaded.arch.vocab_size, self.loaded.device
+            )
         self.sequences[request_id] = seq
         self.scheduler.add(seq)
         return request_id
@@ -179,7 +216,7 @@ class LLMEngine:
         if not self.sequences:
             return []
         step_start = time.perf_counter()
-        plan = self.scheduler.schedule(self.num_draft_slots)
+        plan = self.scheduler.schedule()
         self.kv_cache.copy_blocks(plan.block_copies)
         if not plan.scheduled:
             return []
@@ -218,6 +255,8 @@ class LLMEngine:
         results = verify(prefill_seqs + decode_seqs, last_rows + trees, logits)
         now = time.perf_counter()
         verify_s = now - verify_start
+        num_batch_tokens = sum(item.tree.num_nodes for item in items)
+        draft_share = (verify_start - draft_start) / max(1, sum(tree.num_nodes > 1 for tree in trees))
         outputs = []
         for i, seq in enumerate(prefill_seqs + decode_seqs):
             result = results[i]
@@ -229,20 +268,25 @@ class LLMEngine:
                 tree = trees[i - len(prefill_seqs)]
                 prefix_len = seq.num_computed
                 seq.spec.record(tree.num_nodes - 1, len(result.accepted_nodes) - 1)
+                if seq.switch_off is not None:
+                    drafted = tree.num_nodes > 1
+                    step = DraftStep(tree.num_nodes - 1, len(result.accepted_nodes) - 1,
+                                     num_batch_tokens - tree.num_nodes, draft_share) if drafted else None
+                    seq.switch_off.record(step, self.step_cost)
             new_tokens = accept(seq, tree, result, self.loaded.eos_token_ids)
+            new_tokens, text_ends = _detokenize(seq, new_tokens)
             seq.token_ids.extend(new_tokens)
+            if seq.token_counts is not None:
+                seq.token_counts.add(new_tokens)
             if seq.first_token_time is None:
                 seq.first_token_time = now
-            seq.detokenizer.append(new_tokens)
-            if seq.detokenizer.stop_hit is not None:
-                seq.finish_reason, seq.stop_reason = "stop", seq.detokenizer.stop_hit
             if seq.finish_reason is not None:
-                outputs.append(self._finish(seq, new_tokens))
+                outputs.append(self._finish(seq, new_tokens, text_ends))
                 continue
             commit(self.kv_manager, self.kv_cache, seq, prefix_len, result.accepted_nodes)
             if self.drafter is not None:
                 self.drafter.commit(seq.request_id, seq.num_computed)
-            outputs.append(self._output(seq, new_tokens))
+            outputs.append(self._output(seq, new_tokens, text_ends))
         self.last_step = StepStats(
             num_seqs=len(items),
             num_tokens=sum(item.tree.num_nodes for item in items),
@@ -253,11 +297,16 @@ class LLMEngine:
         )
         return outputs
 
-    def _output(self, seq: Sequence, new_tokens: list[int], finish_time: float | None = None) -> RequestOutput:
+    def _output(
+        self, seq: Sequence, new_tokens: list[int], text_ends: list[int] | None = None,
+        finish_time: float | None = None,
+    ) -> RequestOutput:
         finished = seq.status == SequenceStatus.FINISHED
+        text = seq.detokenizer.emittable(finished)
+        switch_off = seq.switch_off
         return RequestOutput(
             request_id=seq.request_id,
-            text=seq.detokenizer.emittable(finished),
+            text=text,
             token_ids=list(seq.generated_ids),
             new_token_ids=new_tokens,
             num_prompt_tokens=seq.num_prompt_tokens,
@@ -270,30 +319,58 @@ class LLMEngine:
             arrival_time=seq.arrival_time,
             first_token_time=seq.first_token_time,
             finish_time=finish_time,
+            new_token_text_ends=[min(end, len(text)) for end in text_ends or []],
+            speculation=seq.speculation,
+            num_switch_offs=switch_off.num_switch_offs if switch_off else 0,
+            num_switch_ons=switch_off.num_switch_ons if switch_off else 0,
+            num_probe_steps=switch_off.num_probes if switch_off else 0,
+            num_switched_off_steps=switch_off.num_off_steps if switch_off else 0,
         )
 
-    def _finish(self, seq: Sequence, new_tokens: list[int]) -> RequestOutput:
+    def _finish(self, seq: Sequence, new_tokens: list[int], text_ends: list[int] | None = None) -> RequestOutput:
         self.scheduler.remove(seq)
         if self.drafter is not None:
             self.drafter.release(seq.request_id)
         seq.status = SequenceStatus.FINISHED
         del self.sequences[seq.request_id]
-        return self._output(seq, new_tokens, finish_time=time.perf_counter())
+        return self._output(seq, new_tokens, text_ends, finish_time=time.perf_counter())
 
     # ---- offline convenience ------------------------------------------------------------
 
     def generate(
-        self, prompts: Iterable[str | list[int]], params: SamplingParams | list[SamplingParams]
+        self,
+        prompts: Iterable[str | list[int]],
+        params: SamplingParams | list[SamplingParams],
+        speculation: SpeculationParams | None = None,
     ) -> list[RequestOutput]:
         """Run prompts to completion together (continuous batching); outputs in prompt order."""
         prompts = list(prompts)
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         for prompt, p in zip(prompts, params_list):
             self.check_request(self.tokenize(prompt) if isinstance(prompt, str) else list(prompt), p)
-        ids = [self.add_request(prompt, p) for prompt, p in zip(prompts, params_list)]
+        ids = [self.add_request(prompt, p, speculation=speculation) for prompt, p in zip(prompts, params_list)]
         finals: dict[str, RequestOutput] = {}
         while len(finals) < len(ids):
             for out in self.step():
                 if out.finished:
                     finals[out.request_id] = out
         return [finals[i] for i in ids]
+
+
+def _or(value: int | None, default: int) -> int:
+    return default if value is None else value
+
+
+def _detokenize(seq: Sequence, new_tokens: list[int]) -> tuple[list[int], list[int]]:
+    """Feed a step's tokens to the detokenizer one at a time, as plain decoding would: the tokens
+    up to the one that completes a stop string (which finishes the request), and the length of
+    the emittable text after each of them."""
+    text_ends = []
+    for index, token in enumerate(new_tokens):
+        seq.detokenizer.append([token])
+        if seq.detokenizer.stop_hit is not None:
+            seq.finish_reason, seq.stop_reason = "stop", seq.detokenizer.stop_hit
+            text_ends.append(len(seq.detokenizer.text))
+            return new_tokens[: index + 1], text_ends
+        text_ends.append(len(seq.detokenizer.emittable(False)))
+    return new_tokens, text_ends

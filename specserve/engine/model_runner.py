@@ -9,6 +9,7 @@ import torch
 from kernels.cpu_tree_attention import build_dense_plan
 from specserve.cache.kv_cache import KVCache
 from specserve.cache.kv_cache_manager import KVCacheManager
+from specserve.engine.cuda_graphs import GraphBuckets, GraphRunner
 from specserve.models.attention import AttentionMetadata
 from specserve.models.llama import LlamaForCausalLM
 from specserve.tree import TokenTree
@@ -67,24 +68,47 @@ def build_inputs(
 
 class ModelRunner:
     """Runs ``model`` (its first ``num_layers`` layers if given: an early-exit drafter) over a
-    cache with that many layers."""
+    cache with that many layers.
+
+    With ``graph_buckets``, a step that fits a bucket runs padded from static buffers, as a CUDA
+    graph on CUDA unless ``capture`` is False (``cuda_graphs.GraphRunner``); the KV cache then
+    needs one block more than ``kv_manager``'s pool (the padding rows' dummy block). Other steps
+    run eagerly.
+    """
 
     def __init__(
-        self, model: LlamaForCausalLM, kv_cache: KVCache, kv_manager: KVCacheManager, num_layers: int | None = None
+        self,
+        model: LlamaForCausalLM,
+        kv_cache: KVCache,
+        kv_manager: KVCacheManager,
+        num_layers: int | None = None,
+        graph_buckets: GraphBuckets | None = None,
+        capture: bool = True,
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.kv_manager = kv_manager
         self.num_layers = num_layers
         self.device = kv_cache.kv.device
+        self.graphs = None if graph_buckets is None else GraphRunner(
+            self.logits, model.attention, graph_buckets, kv_manager, kv_cache.kv.shape[2], self.device, capture
+        )
+
+    def logits(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, logit_indices: torch.Tensor
+    ) -> torch.Tensor:
+        """The forward: logits [len(logit_indices), vocab] float32 of the given rows."""
+        hidden = self.model(input_ids, positions, self.kv_cache.kv, meta, self.num_layers)
+        return self.model.compute_logits(hidden.index_select(0, logit_indices))
 
     @torch.inference_mode()
     def run(self, items: list[TreeBatchItem], logit_rows: list[int]) -> tuple[torch.Tensor, list[int]]:
         """Forward every tree; logits [len(logit_rows), vocab] float32 of the given rows, and cu_tree_lens."""
+        if self.graphs is not None and self.graphs.bucket_for(items) is not None:
+            return self.graphs.run(items, logit_rows)
         inputs = build_inputs(items, self.kv_manager, self.device, self.model.attention.needs_dense_plan)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache.kv, inputs.meta, self.num_layers)
-        rows = torch.tensor(logit_rows, dtype=torch.int64, device=self.device)
-        return self.model.compute_logits(hidden[rows]), inputs.cu_tree_lens
+        rows = torch.tensor(logit_rows, dtype=torch.int64).to(self.device, non_blocking=True)
+        return self.logits(inputs.input_ids, inputs.positions, inputs.meta, rows), inputs.cu_tree_lens
 
 
 @torch.inference_mode()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from specserve.config import SpeculationParams
+
 
 @dataclass(frozen=True)
 class RequestOutput:
@@ -21,6 +23,12 @@ class RequestOutput:
     arrival_time: float = 0.0
     first_token_time: float | None = None
     finish_time: float | None = None
+    new_token_text_ends: list[int] = field(default_factory=list)  # len(text) after each new token
+    speculation: SpeculationParams | None = None  # the policy in force (clamped to the server's)
+    num_switch_offs: int = 0  # times speculation was switched off for this request
+    num_switch_ons: int = 0  # times a probe switched it back on
+    num_probe_steps: int = 0  # drafting steps taken while switched off
+    num_switched_off_steps: int = 0  # steps decoded without drafts while switched off
 
     @property
     def num_generated_tokens(self) -> int:

@@ -1,7 +1,8 @@
 """Continuous batching: which sequences run this step, with how many tokens, in which slots.
 
 Each step every running sequence gets either its next prefill chunk (a chain of prompt
-tokens) or, once decoding, slots for a tree of 1 + ``num_draft_slots`` tokens. Waiting
+tokens) or, once decoding, slots for a tree of 1 + ``seq.num_draft_slots`` tokens (its own
+speculation policy's budget, 0 while it does not draft). Waiting
 requests join as long as the token budget, ``max_num_seqs`` and the KV pool allow. When the
 pool runs dry the most recently admitted sequence is preempted (its blocks released, to be
 recomputed later: the request keeps every token it generated).
@@ -60,7 +61,7 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
 
-    def schedule(self, num_draft_slots: int) -> SchedulerOutput:
+    def schedule(self) -> SchedulerOutput:
         budget = self.cfg.max_num_batched_tokens
         scheduled: list[ScheduledSequence] = []
         copies: list[tuple[int, int]] = []
@@ -71,7 +72,7 @@ class Scheduler:
             if seq.is_prefilling:
                 num_slots = min(seq.num_pending, self.cfg.prefill_chunk_size, budget)
             else:
-                num_slots = min(1 + num_draft_slots, budget)
+                num_slots = min(1 + seq.num_draft_slots, budget)
             if num_slots == 0:
                 break
             try:

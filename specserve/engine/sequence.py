@@ -18,8 +18,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specserve.config import SamplingParams
+from specserve.config import SamplingParams, SpeculationParams
 from specserve.engine.detokenizer import IncrementalDetokenizer
+from specserve.engine.switch_off import SwitchOff
+from specserve.engine.token_counts import TokenCounts
+
+NO_SPECULATION = SpeculationParams(enabled=False, max_tree_tokens=0, max_depth=0, drafters=())
 
 
 class SequenceStatus(enum.Enum):
@@ -67,6 +71,18 @@ class Sequence:
     stop_reason: str | int | None = None
     spec: SpecStats = field(default_factory=SpecStats)
     first_token_time: float | None = None
+    speculation: SpeculationParams = NO_SPECULATION  # resolved: every field set, within the server's
+    switch_off: SwitchOff | None = None  # None: never switched off (no drafter or no cost curve)
+    token_counts: TokenCounts | None = None  # set when params.uses_history
+
+    @property
+    def num_draft_slots(self) -> int:
+        """Draft nodes the next decode step may verify for this sequence (its tree minus the root)."""
+        if not self.speculation.enabled:
+            return 0
+        if self.switch_off is not None and not self.switch_off.wants_drafts():
+            return 0
+        return self.speculation.max_tree_tokens
 
     @property
     def num_generated(self) -> int:

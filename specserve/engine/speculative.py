@@ -18,7 +18,7 @@ import torch
 from draft_models.base import Drafter, DraftRequest
 from specserve.cache.kv_cache import KVCache
 from specserve.cache.kv_cache_manager import KVCacheManager
-from specserve.engine.sampler import target_probs
+from specserve.engine.sampler import shape_logits, target_probs
 from specserve.engine.sequence import Sequence
 from specserve.tree import TokenTree
 from specserve.tree.verify import VerifyResult, verify_greedy, verify_mss
@@ -26,12 +26,16 @@ from specserve.tree.verify import VerifyResult, verify_greedy, verify_mss
 
 def propose(drafter: Drafter | None, seqs: list[Sequence], num_slots: list[int]) -> list[TokenTree]:
     """A tree per sequence: its pending token as root plus at most num_slots - 1 drafts, never
-    deeper than the tokens it may still generate."""
+    deeper than its policy's max_depth nor than the tokens it may still generate, drafted only by
+    the drafters its policy allows."""
     roots = [TokenTree((seq.token_ids[-1],), (-1,)) for seq in seqs]
     if drafter is None:
         return roots
     requests = [
-        DraftRequest(seq.request_id, seq.token_ids, slots - 1, max(0, seq.remaining_tokens - 1))
+        DraftRequest(
+            seq.request_id, seq.token_ids, slots - 1,
+            max(0, min(seq.speculation.max_depth, seq.remaining_tokens - 1)), seq.speculation.drafters,
+        )
         for seq, slots in zip(seqs, num_slots)
     ]
     wanted = [i for i, r in enumerate(requests) if r.max_tree_tokens > 0 and r.max_depth > 0]
@@ -43,20 +47,37 @@ def propose(drafter: Drafter | None, seqs: list[Sequence], num_slots: list[int])
     return roots
 
 
+def target_logits(seq: Sequence, tree: TokenTree, rows: torch.Tensor) -> torch.Tensor:
+    """rows [num_nodes, vocab]: the target's logits at the tree's nodes, shaped by the request's
+    logit_bias and penalties; node u's penalties count the tokens on its path (``token_counts``)."""
+    if not seq.params.uses_history:
+        return shape_logits(rows, seq.params)
+    counts = seq.token_counts.along_tree(tree)
+    return shape_logits(rows, seq.params, counts, seq.token_counts.prompt_mask)
+
+
 def verify(seqs: list[Sequence], trees: list[TokenTree], logits: torch.Tensor) -> list[VerifyResult]:
-    """logits [sum of tree sizes, vocab]: the target's next-token logits at every node, trees in order."""
+    """logits [sum of tree sizes, vocab]: the target's next-token logits at every node, trees in order.
+
+    Every row is first processed under the request's controls (``sampler``), so greedy follows
+    the processed argmax and MSS judges the drafts against the processed distribution: the
+    output law is plain sampling's with the same controls.
+    """
     results: list[VerifyResult] = []
     argmax = None
     start = 0
     for seq, tree in zip(seqs, trees):
         rows = logits[start : start + tree.num_nodes]
         start += tree.num_nodes
-        if seq.params.greedy:
+        if seq.params.greedy and not seq.params.shifts_logits:
             if argmax is None:
-                argmax = logits.argmax(dim=-1).tolist()  # one host read for every greedy sequence
+                argmax = logits.argmax(dim=-1).tolist()  # one host read for every plain greedy sequence
             results.append(verify_greedy(tree, argmax[start - tree.num_nodes : start]))
+        elif seq.params.greedy:
+            results.append(verify_greedy(tree, target_logits(seq, tree, rows).argmax(dim=-1)))
         else:
-            results.append(verify_mss(tree, target_probs(rows, seq.params), seq.generator))
+            probs = target_probs(target_logits(seq, tree, rows), seq.params)
+            results.append(verify_mss(tree, probs, seq.generator))
     return results
 
 

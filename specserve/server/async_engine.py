@@ -218,7 +218,7 @@ class AsyncEngine:
         try:
             for index, request_id in enumerate(request_ids):
                 engine.add_request(prompt_ids, replace(params, seed=request.seed_of(index)),
-                                   request_id, arrival_time)
+                                   request_id, arrival_time, speculation=request.speculation)
                 added.append(request_id)
         except BaseException:
             for request_id in added:

@@ -52,6 +52,19 @@ class ServerMetrics:
             "Tokens per decode step: 1 + accepted drafts / steps, over the server's life (0 before any step).",
             registry=r,
         )
+        self.spec_switch_offs = Counter(
+            "specserve_spec_decode_switch_offs",
+            "Times a request stopped drafting: its recent acceptance made speculation slower than plain "
+            "decoding for it under the measured step cost.", registry=r)
+        self.spec_switch_ons = Counter(
+            "specserve_spec_decode_switch_ons", "Times a probe step switched a request's drafting back on.",
+            registry=r)
+        self.spec_probe_steps = Counter(
+            "specserve_spec_decode_probe_steps", "Drafting steps taken by switched-off requests to test "
+            "whether speculation pays again.", registry=r)
+        self.spec_switched_off_steps = Counter(
+            "specserve_spec_decode_switched_off_steps", "Decode steps run without drafts because the request "
+            "was switched off.", registry=r)
         self.requests_finished = Counter(
             "specserve_requests_finished", "Finished engine requests by finish reason.", ["finish_reason"], registry=r
         )
@@ -120,6 +133,12 @@ class ServerMetrics:
                 self._previous[out.request_id] = out
 
     def _record_spec_delta(self, previous: RequestOutput | None, out: RequestOutput) -> None:
+        for counter, name in ((self.spec_switch_offs, "num_switch_offs"), (self.spec_switch_ons, "num_switch_ons"),
+                              (self.spec_probe_steps, "num_probe_steps"),
+                              (self.spec_switched_off_steps, "num_switched_off_steps")):
+            delta = getattr(out, name) - (getattr(previous, name) if previous else 0)
+            if delta > 0:
+                counter.inc(delta)
         steps = out.num_steps - (previous.num_steps if previous else 0)
         if steps <= 0:
             return

@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from specserve.config import SamplingParams
+from specserve.config import DRAFTER_NAMES, SamplingParams, SpeculationParams
 from specserve.engine.prompts import chat_prompt_ids, raw_prompt_ids
 from specserve.errors import RequestError
 
@@ -95,39 +95,95 @@ def _check_text(value: str, param: str) -> str:
     return value
 
 
-def read_int(body: dict, name: str, default: int | None, minimum: int, maximum: int = INT64_MAX) -> int | None:
-    value = body.get(name)
+def read_int(
+    body: dict, name: str, default: int | None, minimum: int, maximum: int = INT64_MAX, where: str = ""
+) -> int | None:
+    """``where``: the enclosing object's name and a dot (``"speculation."``), for ``param``."""
+    value, param = body.get(name), where + name
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ApiError.bad_request(f"{name} must be an integer, not {_json_type(value)}", name)
+        raise ApiError.bad_request(f"{param} must be an integer, not {_json_type(value)}", param)
     if not minimum <= value <= maximum:
-        raise ApiError.bad_request(f"{name} must lie between {minimum} and {maximum}, not {value}", name)
+        raise ApiError.bad_request(f"{param} must lie between {minimum} and {maximum}, not {value}", param)
     return value
 
 
-def read_number(body: dict, name: str, default: float) -> float:
-    value = body.get(name)
-    if value is None:
-        return default
+def _number(value: Any, param: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ApiError.bad_request(f"{name} must be a number, not {_json_type(value)}", name)
+        raise ApiError.bad_request(f"{param} must be a number, not {_json_type(value)}", param)
     try:
         number = float(value)
     except OverflowError:  # an integer too large for a float
         number = math.inf
     if not math.isfinite(number):
-        raise ApiError.bad_request(f"{name} must be a finite number", name)
+        raise ApiError.bad_request(f"{param} must be a finite number", param)
     return number
 
 
-def read_bool(body: dict, name: str, default: bool = False) -> bool:
+def read_number(body: dict, name: str, default: float) -> float:
     value = body.get(name)
+    return default if value is None else _number(value, name)
+
+
+def read_bool(body: dict, name: str, default: bool = False, where: str = "") -> bool:
+    value, param = body.get(name), where + name
     if value is None:
         return default
     if not isinstance(value, bool):
-        raise ApiError.bad_request(f"{name} must be true or false, not {_json_type(value)}", name)
+        raise ApiError.bad_request(f"{param} must be true or false, not {_json_type(value)}", param)
     return value
+
+
+def read_logit_bias(body: dict) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias} object as sorted (id, bias) pairs; ranges are SamplingParams'."""
+    value = body.get("logit_bias")
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise ApiError.bad_request(f"logit_bias must be an object of token ids to numbers, not {_json_type(value)}",
+                                   "logit_bias")
+    pairs = {}
+    for key, bias in value.items():
+        if not (key.isascii() and key.isdigit()) or len(key) > 12:
+            raise ApiError.bad_request(f"logit_bias keys must be token ids such as \"42\", not {key[:20]!r}",
+                                       "logit_bias")
+        token_id = int(key)
+        if token_id in pairs:
+            raise ApiError.bad_request(f"logit_bias names token {token_id} twice", "logit_bias")
+        pairs[token_id] = _number(bias, "logit_bias")
+    return tuple(sorted(pairs.items()))
+
+
+SPECULATION_FIELDS = ("enabled", "max_tree_tokens", "max_depth", "drafters")
+
+
+def read_speculation(body: dict) -> SpeculationParams | None:
+    """The ``speculation`` object (our extension); unknown keys in it are refused, not ignored."""
+    value = body.get("speculation")
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ApiError.bad_request(f"speculation must be an object, not {_json_type(value)}", "speculation")
+    unknown = sorted(set(value) - set(SPECULATION_FIELDS))
+    if unknown:
+        param = f"speculation.{unknown[0]}"[:80]
+        raise ApiError.bad_request(f"{param} is not a speculation field; use {', '.join(SPECULATION_FIELDS)}", param)
+    drafters = value.get("drafters")
+    if drafters is not None:
+        if not isinstance(drafters, list) or any(d not in DRAFTER_NAMES for d in drafters):
+            raise ApiError.bad_request(
+                f"speculation.drafters must be an array of drafter names among {', '.join(DRAFTER_NAMES)}",
+                "speculation.drafters",
+            )
+        drafters = tuple(dict.fromkeys(drafters))
+    where = "speculation."
+    return SpeculationParams(
+        enabled=read_bool(value, "enabled", True, where),
+        max_tree_tokens=read_int(value, "max_tree_tokens", None, 0, INT64_MAX, where),
+        max_depth=read_int(value, "max_depth", None, 0, INT64_MAX, where),
+        drafters=drafters,
+    )
 
 
 def read_model(body: dict) -> str | None:
@@ -225,6 +281,9 @@ class GenerationRequest:
     stream: bool
     include_usage: bool
     return_spec_stats: bool
+    speculation: SpeculationParams | None = None  # None: the server's defaults
+    pace_tokens: bool = False  # stream: spread each step's tokens over the step's duration
+    include_spec_stats: bool = False  # stream: every chunk says how many of its tokens were accepted drafts
 
     def prompt_token_ids(self, tokenizer) -> list[int]:
         """Tokenize (through the chat template for chat); call in the engine thread."""
@@ -254,19 +313,27 @@ def parse_generation_request(body: dict[str, Any], kind: str) -> GenerationReque
     n = read_int(body, "n", 1, 1, MAX_N)
     stream = read_bool(body, "stream")
     stream_options = body.get("stream_options")
-    include_usage = False
+    include_usage = pace_tokens = include_spec_stats = False
     if stream_options is not None:
         if not isinstance(stream_options, dict):
             raise ApiError.bad_request("stream_options must be an object", "stream_options")
         if not stream:
             raise ApiError.bad_request("stream_options is only allowed when stream is true", "stream_options")
-        include_usage = read_bool(stream_options, "include_usage")
+        include_usage = read_bool(stream_options, "include_usage", where="stream_options.")
+        pace_tokens = read_bool(stream_options, "pace_tokens", where="stream_options.")
+        include_spec_stats = read_bool(stream_options, "include_spec_stats", where="stream_options.")
+    speculation = read_speculation(body)
     try:
         params = SamplingParams(
             max_tokens=max_tokens if max_tokens is not None else 1,
             temperature=read_number(body, "temperature", 1.0),
             top_p=read_number(body, "top_p", 1.0),
             top_k=max(top_k, 0),  # vLLM's -1 means off, like our 0
+            min_p=read_number(body, "min_p", 0.0),
+            presence_penalty=read_number(body, "presence_penalty", 0.0),
+            frequency_penalty=read_number(body, "frequency_penalty", 0.0),
+            repetition_penalty=read_number(body, "repetition_penalty", 1.0),
+            logit_bias=read_logit_bias(body),
             seed=read_int(body, "seed", None, INT64_MIN, INT64_MAX),
             stop=read_stop(body),
             ignore_eos=read_bool(body, "ignore_eos"),
@@ -284,6 +351,9 @@ def parse_generation_request(body: dict[str, Any], kind: str) -> GenerationReque
         stream=stream,
         include_usage=include_usage,
         return_spec_stats=read_bool(body, "return_spec_stats"),
+        speculation=speculation,
+        pace_tokens=pace_tokens,
+        include_spec_stats=include_spec_stats,
     )
 
 

@@ -11,14 +11,23 @@ from specserve.server.protocol import GenerationRequest
 
 
 def spec_stats(output: RequestOutput) -> dict[str, Any]:
-    """Our vendor field: how speculation went for one choice."""
-    return {
+    """Our vendor field: how speculation went for one choice, and the policy it ran under."""
+    stats: dict[str, Any] = {
         "num_steps": output.num_steps,
         "num_draft_tokens": output.num_draft_tokens,
         "num_accepted_tokens": output.num_accepted_tokens,
         "accepted_per_depth": list(output.accepted_per_depth),
         "mean_accepted_length": round(output.mean_accepted_length, 4),
+        "num_switch_offs": output.num_switch_offs,
+        "num_switch_ons": output.num_switch_ons,
+        "num_probe_steps": output.num_probe_steps,
+        "num_switched_off_steps": output.num_switched_off_steps,
     }
+    policy = output.speculation
+    if policy is not None:
+        stats["speculation"] = {"enabled": policy.enabled, "max_tree_tokens": policy.max_tree_tokens,
+                                "max_depth": policy.max_depth, "drafters": list(policy.drafters or ())}
+    return stats
 
 
 def usage(num_prompt_tokens: int, num_completion_tokens: int) -> dict[str, int]:
@@ -50,8 +59,11 @@ class ResponseBuilder:
         choice = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
         return self._chunk([choice])
 
-    def delta_chunk(self, index: int, delta: str, final: RequestOutput | None) -> dict[str, Any]:
-        """New text of one choice; ``final`` (its finished output) adds finish_reason and stats."""
+    def delta_chunk(
+        self, index: int, delta: str, final: RequestOutput | None, accepted_tokens: int | None = None
+    ) -> dict[str, Any]:
+        """New text of one choice; ``final`` (its finished output) adds finish_reason and stats;
+        ``accepted_tokens``: how many of the chunk's tokens were accepted drafts (None: left out)."""
         choice: dict[str, Any] = {"index": index}
         if self.is_chat:
             choice["delta"] = {"content": delta} if delta or final is None else {}
@@ -59,6 +71,8 @@ class ResponseBuilder:
             choice["text"] = delta
         choice["logprobs"] = None
         choice["finish_reason"] = final.finish_reason if final is not None else None
+        if accepted_tokens is not None:
+            choice["accepted_tokens"] = accepted_tokens
         if final is not None and self.request.return_spec_stats:
             choice["spec_stats"] = spec_stats(final)
         return self._chunk([choice])

@@ -109,8 +109,9 @@ def verify_mss(
 ) -> VerifyResult:
     """SpecInfer's multi-step speculative sampling on one tree.
 
-    ``target_probs`` [num_nodes, vocab]: the target's processed distribution (temperature,
-    top-k, top-p applied) after each node. Each guess c is checked against its proposal q_c:
+    ``target_probs`` [num_nodes, vocab]: the target's processed distribution after each node:
+    every sampling control applied, history-dependent ones (penalties) with the counts of that
+    node's own path (``engine.token_counts``), so row u is exactly plain sampling's law after u. Each guess c is checked against its proposal q_c:
     ``tree.draft_probs[c]``, or a point mass on c's token when the tree has no draft_probs or
     row c is all zeros (the mark of a deterministic guess in a sampled tree).
 

@@ -42,7 +42,8 @@ def test_drafter_with_every_layer_proposes_the_greedy_continuation(tiny):
 
 def test_engine_accepts_every_draft_of_a_full_depth_drafter(tiny):
     prompt = [5, 6, 7, 8, 9]
-    every_layer = SpeculativeConfig(**{**CHAIN.__dict__, "num_layers": tiny.arch.num_layers})
+    # switch_off off: a drafter as deep as the target costs what it saves, and would be switched off
+    every_layer = SpeculativeConfig(**{**CHAIN.__dict__, "num_layers": tiny.arch.num_layers, "switch_off": False})
     engine = LLMEngine(EngineConfig(cache=CacheConfig(num_blocks=64), speculative=every_layer), loaded=tiny)
     out = engine.generate([prompt], SamplingParams(max_tokens=21, temperature=0.0, ignore_eos=True))[0]
     assert out.token_ids == greedy(tiny, prompt, 21)

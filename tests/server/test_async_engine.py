@@ -39,7 +39,7 @@ class FakeEngine:
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
             raise RequestError(f"{len(prompt_ids)} + {params.max_tokens} exceed 64", "max_tokens")
 
-    def add_request(self, prompt_ids, params, request_id, arrival_time):
+    def add_request(self, prompt_ids, params, request_id, arrival_time, speculation=None):
         self.sequences[request_id] = (params, [], len(prompt_ids), arrival_time)
 
     def has_unfinished(self) -> bool:

@@ -128,6 +128,19 @@ INVALID = {
     "stream_options": not_bool.filter(lambda v: not isinstance(v, dict)),
     "ignore_eos": not_bool,
     "return_spec_stats": not_bool,
+    "min_p": not_number | st.floats(max_value=-1e-9, allow_infinity=False) | st.floats(min_value=1.0001, allow_infinity=False),
+    "presence_penalty": not_number | st.floats(min_value=2.0001, allow_infinity=False) | st.floats(max_value=-2.0001, allow_infinity=False),
+    "frequency_penalty": not_number | st.floats(min_value=2.0001, allow_infinity=False),
+    "repetition_penalty": not_number | st.floats(max_value=0.0, allow_infinity=False) | st.floats(min_value=10.0001, allow_infinity=False),
+    "logit_bias": json_values.filter(lambda v: v is not None and not isinstance(v, dict))
+    | st.dictionaries(st.sampled_from(["1", "2"]), st.floats(min_value=100.001, allow_infinity=False), min_size=1)
+    | st.dictionaries(st.text(max_size=4).filter(lambda k: not (k.isascii() and k.isdigit())), st.just(1), min_size=1),
+    "speculation": json_values.filter(lambda v: v is not None and not isinstance(v, dict))
+    | st.fixed_dictionaries({"max_tree_tokens": st.integers(max_value=-1)})
+    | st.fixed_dictionaries({"max_depth": not_int})
+    | st.fixed_dictionaries({"enabled": not_bool})
+    | st.fixed_dictionaries({"drafters": st.lists(st.text(max_size=5), min_size=1).filter(
+        lambda v: any(d not in ("ngram", "early_exit", "draft") for d in v))}),
 }
 INVALID_PROMPT = not_str.filter(lambda v: not (isinstance(v, list) and v and (
     all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 49152 for t in v)

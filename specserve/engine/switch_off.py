@@ -1,0 +1,99 @@
+"""Per-request speculation switch-off: stop drafting for a request that speculation slows down.
+
+A step that verifies a tree of T drafts for a request, in a forward of n other rows, costs the
+request ``draft_s + cost(n + 1 + T)`` seconds and gives it ``1 + a`` tokens (a accepted); the
+same step without drafts would cost ``cost(n + 1)`` for one token (``cost``: the device's
+measured ``StepCost``). Over the request's last ``window`` drafting steps::
+
+    speculative s/token = sum(draft_s_i + cost(n_i + 1 + T_i)) / sum(1 + a_i)
+    plain s/token       = sum(cost(n_i + 1)) / number of steps
+
+Once at least half a window is seen and speculative > plain, the request stops drafting
+(switch-off). While off, every ``interval`` plain steps one step drafts again (a probe); a
+probe whose own speculative s/token beats plain switches drafting back on (switch-on, the
+window restarts from the probe), a failed one doubles the interval (at most 8x the base).
+Steps whose drafter proposed nothing cost nothing extra and are not counted.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from specserve.engine.calibration import StepCost
+
+MAX_INTERVAL_FACTOR = 8
+
+
+@dataclass(frozen=True)
+class DraftStep:
+    """One step of one request that verified drafts."""
+
+    num_drafts: int  # T: draft nodes verified (the root not counted)
+    num_accepted: int  # a: drafts accepted
+    num_other_tokens: int  # n: rows of the other sequences in the same forward
+    draft_s: float  # this request's share of the step's drafting time
+
+    def seconds(self, cost: StepCost) -> tuple[float, float]:
+        """(speculative seconds, plain seconds) of this step for the request."""
+        return self.draft_s + cost(self.num_other_tokens + 1 + self.num_drafts), cost(self.num_other_tokens + 1)
+
+
+def speculation_pays(steps: list[DraftStep], cost: StepCost) -> bool:
+    """Speculative seconds per token <= plain seconds per token over ``steps`` (non-empty)."""
+    spec_s = sum(step.seconds(cost)[0] for step in steps)
+    plain_s = sum(step.seconds(cost)[1] for step in steps)
+    num_tokens = sum(1 + step.num_accepted for step in steps)
+    return spec_s / num_tokens <= plain_s / len(steps)
+
+
+@dataclass
+class SwitchOff:
+    """One request's switch-off state. Invariant: ``recent`` holds drafting steps taken while on
+    (or the probe that switched it on), at most ``window`` of them."""
+
+    window: int
+    base_interval: int
+    off: bool = False
+    interval: int = 0  # plain steps between probes while off
+    plain_steps_since_probe: int = 0
+    recent: deque[DraftStep] = field(default_factory=deque)
+    num_switch_offs: int = 0
+    num_switch_ons: int = 0
+    num_probes: int = 0
+    num_off_steps: int = 0  # steps run without drafts because the request was switched off
+
+    def __post_init__(self) -> None:
+        self.interval = self.base_interval
+
+    def wants_drafts(self) -> bool:
+        """Whether the request drafts in the next step (on, or off with a probe due)."""
+        return not self.off or self.plain_steps_since_probe >= self.interval
+
+    def record(self, step: DraftStep | None, cost: StepCost) -> None:
+        """After a decode step: ``step`` is None when no drafts were verified for the request."""
+        if step is None:
+            if self.off:
+                self.num_off_steps += 1
+                self.plain_steps_since_probe += 1
+            return
+        if self.off:
+            self.num_probes += 1
+            self.plain_steps_since_probe = 0
+            if speculation_pays([step], cost):
+                self.off, self.interval = False, self.base_interval
+                self.recent = deque([step])
+                self.num_switch_ons += 1
+            else:
+                self.interval = min(2 * self.interval, MAX_INTERVAL_FACTOR * self.base_interval)
+            return
+        self.recent.append(step)
+        if len(self.recent) > self.window:
+            self.recent.popleft()
+        if 2 * len(self.recent) >= self.window and not speculation_pays(list(self.recent), cost):
+            self.off = True
+            self.plain_steps_since_probe = 0
+            self.recent.clear()
+            self.num_switch_offs += 1

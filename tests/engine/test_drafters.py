@@ -1,0 +1,38 @@
+"""The merged drafter serves each request only the drafters its policy names."""
+
+from draft_models.base import DraftRequest
+from specserve.engine.drafters import MergedDrafter
+from specserve.tree import TokenTree
+from specserve.tree.builders import tree_from_paths_within_budget
+
+
+class FixedDrafter:
+    """Proposes one fixed path; records the budgets it was asked for."""
+
+    def __init__(self, path: list[int]) -> None:
+        self.path = path
+        self.budgets: list[tuple[str, int]] = []
+
+    def propose(self, requests: list[DraftRequest]) -> list[TokenTree]:
+        self.budgets += [(r.seq_id, r.max_tree_tokens) for r in requests]
+        return [tree_from_paths_within_budget(r.token_ids[-1], [self.path], r.max_tree_tokens) for r in requests]
+
+    def commit(self, seq_id: str, num_committed: int) -> None:
+        return None
+
+    def release(self, seq_id: str) -> None:
+        return None
+
+
+def test_each_request_gets_trees_from_its_own_drafters_only():
+    ngram, early = FixedDrafter([1, 2]), FixedDrafter([3, 4])
+    merged = MergedDrafter([ngram, early], ("ngram", "early_exit"))
+    requests = [DraftRequest("a", [9], 4, 2), DraftRequest("b", [9], 4, 2, ("ngram",)),
+                DraftRequest("c", [9], 4, 2, ("early_exit", "draft"))]
+    trees = merged.propose(requests)
+    assert trees[0] == TokenTree.from_paths(9, [[1, 2], [3, 4]])
+    assert trees[1] == TokenTree.from_paths(9, [[1, 2]])
+    assert trees[2] == TokenTree.from_paths(9, [[3, 4]])
+    # a drafter left out still sees the request, with nothing to propose (model drafters keep up)
+    assert ngram.budgets == [("a", 4), ("b", 4), ("c", 0)]
+    assert early.budgets == [("a", 4), ("b", 0), ("c", 4)]

@@ -1,0 +1,76 @@
+"""The per-request switch-off rule on a synthetic cost curve: exact decisions and counters."""
+
+from specserve.engine.calibration import StepCost
+from specserve.engine.switch_off import MAX_INTERVAL_FACTOR, DraftStep, SwitchOff, speculation_pays
+
+COST = StepCost((1, 9), (1.0, 2.0))  # 8 drafts double a lone step
+
+
+def bad(num_drafts: int = 8) -> DraftStep:
+    return DraftStep(num_drafts, num_accepted=0, num_other_tokens=0, draft_s=0.0)
+
+
+def good() -> DraftStep:
+    return DraftStep(8, num_accepted=3, num_other_tokens=0, draft_s=0.0)  # 4 tokens for 2 s
+
+
+def test_speculation_pays_compares_seconds_per_token():
+    assert speculation_pays([good()], COST)  # 0.5 s per token against 1.0
+    assert not speculation_pays([bad()], COST)  # 2.0 against 1.0
+    assert speculation_pays([DraftStep(8, 1, 0, 0.0)], COST)  # 1.0 against 1.0: a tie pays
+    assert not speculation_pays([DraftStep(8, 1, 0, 0.5)], COST)  # drafting time counts
+    assert speculation_pays([good(), bad()], COST)  # 4 s for 5 tokens
+    assert speculation_pays([good(), bad(), bad()], COST)  # 6 s for 6 tokens: a tie
+    assert not speculation_pays([good(), bad(), bad(), bad()], COST)  # 8 s for 7 tokens
+
+
+def test_the_other_rows_of_the_batch_count():
+    flat_then_steep = StepCost((1, 8, 16), (1.0, 1.0, 2.0))
+    alone = DraftStep(7, num_accepted=0, num_other_tokens=0, draft_s=0.0)
+    assert speculation_pays([alone], flat_then_steep)  # 8 rows cost what 1 does
+    in_batch = DraftStep(7, num_accepted=0, num_other_tokens=8, draft_s=0.0)
+    assert not speculation_pays([in_batch], flat_then_steep)  # 16 rows against 9
+
+
+def test_switches_off_after_half_a_window_of_losing_steps():
+    state = SwitchOff(window=4, base_interval=3)
+    state.record(bad(), COST)
+    assert not state.off and state.wants_drafts()
+    state.record(None, COST)  # a step the drafter proposed nothing for: no information
+    assert not state.off and state.num_off_steps == 0
+    state.record(bad(), COST)
+    assert state.off and not state.wants_drafts()
+    assert (state.num_switch_offs, state.num_switch_ons, state.num_probes) == (1, 0, 0)
+
+
+def test_probes_every_interval_doubling_on_failure_and_switches_back_on():
+    state = SwitchOff(window=4, base_interval=2)
+    state.record(bad(), COST)
+    state.record(bad(), COST)
+    wants = []
+    for step in [None, None, bad(), None, None, None, None, bad(), *[None] * 8, bad(), *[None] * 16]:
+        wants.append(state.wants_drafts())
+        state.record(step, COST)
+    # intervals 2, 4, 8, then capped at 8 * 2 = 16
+    assert wants[:8] == [False, False, True, False, False, False, False, True]
+    assert wants[8:17] == [False] * 8 + [True]
+    assert wants[17:] == [False] * 16 and state.wants_drafts()
+    assert state.interval == MAX_INTERVAL_FACTOR * 2
+    assert (state.num_probes, state.num_off_steps, state.num_switch_ons) == (3, 30, 0)
+    state.record(good(), COST)  # a probe that pays
+    assert not state.off and state.wants_drafts() and state.interval == 2
+    assert (state.num_probes, state.num_switch_ons) == (4, 1)
+    assert list(state.recent) == [good()]
+    state.record(bad(), COST)  # with the probe in the window: 4 s for 5 tokens, still on
+    assert not state.off
+
+
+def test_the_window_slides():
+    state = SwitchOff(window=4, base_interval=2)
+    for _ in range(4):
+        state.record(good(), COST)
+    for _ in range(2):
+        state.record(bad(), COST)  # 2 good + 2 bad: 8 s for 10 tokens, pays
+    assert not state.off
+    state.record(bad(), COST)  # 1 good + 3 bad: 8 s for 7 tokens against 1.0
+    assert state.off and len(state.recent) == 0
