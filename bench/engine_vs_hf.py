@@ -15,7 +15,8 @@ import time
 
 import torch
 
-from bench.common import PROMPTS_DIR, environment, load_prompts, save_json, summarise, sync
+from bench.common import PROMPTS_DIR, environment, load_prompts, save_json, sync
+from bench.metrics import summarise
 from specserve.config import (
     CacheConfig,
     EngineConfig,
