@@ -1,0 +1,190 @@
+"""Training a draft on the target's distributions (knowledge distillation, teacher forcing).
+
+Loss at every row r (a position whose next token the target generated):
+
+    loss = KL(p_target(. | x_<r) || p_draft(. | x_<r)) + ce_weight * CE(p_draft, argmax p_target)
+
+with the full 49k-token distributions: the target's logits are recomputed each step from its
+stored final hidden state through the (shared) LM head, so nothing is truncated to a top-k.
+Batches draw sequences with probability prompt_weight * rows (uniform weights: every row
+equally likely) until ``batch_tokens`` real tokens. AdamW on the draft's own parameters (fp32
+masters; bf16 autocast on CUDA), linear warm-up then cosine decay, gradient clipping.
+
+The schedule's progress is max(step / max_steps, elapsed / time_limit_s), so the learning
+rate reaches its floor whichever limit comes first. The weights kept at the end are those of
+the evaluation (every ``eval_every`` steps and the last step) with the best top-1 agreement
+on the validation sequences.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from draft_models.dense_forward import causal_hidden, pad_batch
+from draft_models.distill_data import TeacherSet
+from draft_models.evaluate import draft_ranks
+from draft_models.small_draft import DraftSpec, own_tensors
+from specserve.errors import SpecserveError
+from specserve.models.llama import LlamaForCausalLM
+from specserve.models.loader import LoadedModel
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_steps: int = 3000
+    batch_tokens: int = 16384  # real tokens (prompt + output) per step
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    ce_weight: float = 0.1
+    seed: int = 0
+    eval_every: int = 200
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1 or self.batch_tokens < 1 or self.eval_every < 1:
+            raise SpecserveError("steps, batch tokens and eval_every must be positive")
+        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise SpecserveError("lr must be positive and min_lr_ratio within [0, 1]")
+
+
+@dataclass
+class TrainResult:
+    steps: int = 0
+    tokens_seen: int = 0  # real tokens through the draft (padding excluded)
+    rows_seen: int = 0  # loss rows
+    losses: list[float] = field(default_factory=list)  # per step
+    validation: list[tuple[int, float]] = field(default_factory=list)  # (step, top-1 agreement)
+    best_step: int = 0
+    wall_s: float = 0.0
+    stopped_by: str = "steps"
+
+
+def lr_factor(progress: float, step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up over ``warmup_steps``, then cosine from 1 to ``min_lr_ratio`` as progress -> 1."""
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return warm * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+def distill_loss(
+    draft_logits: torch.Tensor,  # [rows, vocab]
+    target_logits: torch.Tensor,  # [rows, vocab]
+    target_top1: torch.Tensor,  # [rows] int64
+    ce_weight: float,
+) -> torch.Tensor:
+    log_draft = F.log_softmax(draft_logits.float(), dim=-1)
+    log_target = F.log_softmax(target_logits.float(), dim=-1)
+    kl = F.kl_div(log_draft, log_target, log_target=True, reduction="batchmean")
+    return kl + ce_weight * F.nll_loss(log_draft, target_top1) if ce_weight else kl
+
+
+def sample_batch(teacher: TeacherSet, weights: torch.Tensor, batch_tokens: int, generator: torch.Generator) -> list[int]:
+    """Sequences drawn with replacement by ``weights`` [num_seqs] until batch_tokens real tokens."""
+    mean_len = sum(len(x) for x in teacher.input_ids) / teacher.num_seqs
+    draws = torch.multinomial(weights, max(1, int(2 * batch_tokens / mean_len) + 1), True, generator=generator)
+    chosen, total = [], 0
+    for seq in draws.tolist():
+        chosen.append(seq)
+        total += len(teacher.input_ids[seq])
+        if total >= batch_tokens:
+            break
+    return chosen
+
+
+def _rows(teacher: TeacherSet, seqs: list[int], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat indices into the [batch * width] draft rows and the teacher rows, in the same order."""
+    flat, rows = [], []
+    for b, s in enumerate(seqs):
+        count = teacher.rows_of(s)
+        start = b * width + teacher.loss_starts[s]
+        flat.append(torch.arange(start, start + count))
+        rows.append(torch.arange(teacher.cu_rows[s], teacher.cu_rows[s + 1]))
+    return torch.cat(flat), torch.cat(rows)
+
+
+def train_draft(
+    draft: LlamaForCausalLM,
+    spec: DraftSpec,
+    target: LoadedModel,
+    teacher: TeacherSet,
+    seq_weights: torch.Tensor,  # [num_seqs] float, sampling weight of each training sequence
+    validation: TeacherSet,
+    cfg: TrainConfig,
+    time_limit_s: float,
+) -> TrainResult:
+    """Train ``draft``'s own parameters in place; on return they hold the best validated weights,
+    in the target's dtype, with requires_grad off."""
+    start = time.perf_counter()
+    device = target.device
+    own = own_tensors(draft, spec)
+    for p in own.values():
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(own.values(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    use_autocast = device.type == "cuda" and target.dtype != torch.float32
+    autocast = torch.autocast("cuda", dtype=target.dtype) if use_autocast else contextlib.nullcontext()
+    generator = torch.Generator().manual_seed(cfg.seed)
+    weights = (seq_weights * torch.tensor([teacher.rows_of(s) for s in range(teacher.num_seqs)])).double()
+    result = TrainResult()
+    best = (-1.0, {})
+    try:
+        for step in range(cfg.max_steps):
+            elapsed = time.perf_counter() - start
+            if elapsed >= time_limit_s:
+                result.stopped_by = "time"
+                break
+            progress = max(step / cfg.max_steps, elapsed / time_limit_s)
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * lr_factor(progress, step, cfg)
+            seqs = sample_batch(teacher, weights, cfg.batch_tokens, generator)
+            input_ids = pad_batch([teacher.input_ids[s] for s in seqs], device)
+            flat, rows = _rows(teacher, seqs, input_ids.shape[1])
+            rows = rows.to(device)
+            with torch.no_grad():
+                target_logits = target.model.compute_logits(teacher.hidden[rows])
+            with autocast:
+                hidden = causal_hidden(draft, input_ids).flatten(0, 1)[flat.to(device)]
+                draft_logits = draft.compute_logits(hidden)
+            loss = distill_loss(draft_logits, target_logits, teacher.top1[rows], cfg.ce_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(own.values(), cfg.grad_clip)
+            optimizer.step()
+            result.steps = step + 1
+            result.losses.append(loss.item())
+            result.tokens_seen += sum(len(teacher.input_ids[s]) for s in seqs)
+            result.rows_seen += len(rows)
+            if result.steps % cfg.eval_every == 0:
+                best = _validate(draft, validation, cfg, result, best, own)
+        if not result.validation or result.validation[-1][0] != result.steps:
+            best = _validate(draft, validation, cfg, result, best, own)
+    finally:
+        with torch.no_grad():
+            for name, p in own.items():
+                if best[1]:
+                    p.data = best[1][name].to(device)
+                p.data = p.data.to(target.dtype)
+                p.requires_grad_(False)
+                p.grad = None
+    result.wall_s = time.perf_counter() - start
+    return result
+
+
+def _validate(draft, validation: TeacherSet, cfg: TrainConfig, result: TrainResult, best, own):
+    if validation.num_seqs == 0 or result.steps == 0:
+        return best
+    ranks = draft_ranks(draft, validation, cfg.batch_tokens)
+    agreement = float(torch.cat(ranks).eq(0).float().mean())
+    result.validation.append((result.steps, round(agreement, 5)))
+    if agreement > best[0]:
+        result.best_step = result.steps
+        return agreement, {name: p.detach().to("cpu", copy=True) for name, p in own.items()}
+    return best

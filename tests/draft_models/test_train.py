@@ -1,0 +1,63 @@
+"""The tiny end-to-end training run (`python -m draft_models.train --device cpu --tiny`)."""
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from draft_models import pipeline
+from draft_models.pipeline import run
+from draft_models.small_draft import MAX_WEIGHTS_BYTES, load_draft
+from draft_models.train import config_from_args
+
+MANIFEST_FIELDS = {
+    "draft", "index", "num_drafts", "target", "spec", "data", "seed", "boost", "training", "heldout",
+    "wall_s", "environment", "command",
+}
+TRAINING_FIELDS = {"steps", "tokens_seen", "rows_seen", "first_loss", "final_loss", "stopped_by", "lr", "seed"}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(smollm, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    argv = ["--device", "cpu", "--tiny", "--num-drafts", "2", "--out-dir", str(folder),
+            "--samples", str(folder / "samples.jsonl")]
+    return config_from_args(argv), run(config_from_args(argv), loaded=smollm), folder
+
+
+def test_loss_decreases_and_manifest_is_complete(tiny_run):
+    cfg, manifests, folder = tiny_run
+    assert cfg.spec.num_layers == 1 and cfg.train.seed == 0
+    assert [m["draft"] for m in manifests] == ["tiny-draft-1", "tiny-draft-2"]
+    for manifest in manifests:
+        assert MANIFEST_FIELDS <= manifest.keys()
+        training = manifest["training"]
+        assert TRAINING_FIELDS <= training.keys()
+        assert training["steps"] == 12 and training["stopped_by"] == "steps"
+        assert training["final_loss"] < training["first_loss"]
+        assert manifest["data"]["train_prompts"]["count"] == 6
+        assert manifest["data"]["heldout_prompts"]["count"] == 2
+        assert manifest["environment"]["torch"]
+        heldout = manifest["heldout"]
+        assert {"top1_agreement", "chain_mean_accepted_length", "static_tree", "engine"} <= heldout.keys()
+        assert heldout["engine"]["status"] == "measured"
+        assert heldout["engine"]["identical_to_greedy"] == 2
+        saved = json.loads((folder / manifest["draft"] / "manifest.json").read_text())
+        assert saved["heldout"]["engine"] == heldout["engine"]
+        assert (folder / manifest["draft"] / "model.safetensors").stat().st_size < MAX_WEIGHTS_BYTES
+    assert manifests[0]["boost"]["earlier_drafts"] == 0 and manifests[0]["boost"]["weight_max"] == 1.0
+    assert manifests[1]["boost"]["earlier_drafts"] == 1 and manifests[1]["boost"]["weight_max"] > 1.0
+
+
+def test_saved_tiny_draft_loads_and_samples_are_reused(tiny_run, smollm, monkeypatch):
+    cfg, manifests, folder = tiny_run
+    draft = load_draft(folder / "tiny-draft-1", smollm)
+    assert draft.cfg.num_layers == 1
+    header = json.loads((folder / "samples.jsonl").read_text().splitlines()[0])
+    assert header["key"] == manifests[0]["data"]["samples"]["key"]
+
+    def must_not_generate(*args, **kwargs):
+        raise AssertionError("the cached continuations should have been reused")
+
+    monkeypatch.setattr(pipeline, "generate_samples", must_not_generate)
+    assert pipeline.run(replace(cfg, stage="generate"), loaded=smollm) == []
