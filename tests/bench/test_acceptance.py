@@ -41,14 +41,14 @@ def test_methods_parse_and_bad_ones_are_one_sentence():
 @pytest.mark.slow
 def test_cpu_run_writes_figures_that_add_up(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    argv = ["--prompt-set", "humaneval", "--num-prompts", "2", "--max-tokens", "8", "--max-num-seqs", "2",
+    argv = ["--prompt-set", "chat", "--num-prompts", "2", "--max-tokens", "8", "--max-num-seqs", "2",
             "--device", "cpu", "--dtype", "float32", "--kv-cache-memory", "0.05",
             "--method", 'ng={"method": "ngram", "max_tree_tokens": 8, "max_depth": 4}',
             "--out-dir", str(tmp_path), "--tag", "ci"]
     assert acceptance.main(argv) == 0
     saved = json.loads((tmp_path / "acceptance_ci.json").read_text())
     assert (tmp_path / "acceptance_ci.png").stat().st_size > 0
-    block = saved["results"]["humaneval"]
+    block = saved["results"]["chat"]
     assert block["num_prompts"] == 2 and list(block["methods"]) == ["off", "ng"]
     off, ng = block["methods"]["off"], block["methods"]["ng"]
     assert off["mean_accepted_length"] == 1.0 and off["num_steps"] == off["num_generated_tokens"] - 2
