@@ -1,7 +1,11 @@
 """The merged drafter serves each request only the drafters its policy names."""
 
+import pytest
+
 from draft_models.base import DraftRequest
+from specserve.config import SpeculativeConfig
 from specserve.engine.drafters import MergedDrafter
+from specserve.errors import SpecserveError
 from specserve.tree import TokenTree
 from specserve.tree.builders import tree_from_paths_within_budget
 
@@ -36,3 +40,16 @@ def test_each_request_gets_trees_from_its_own_drafters_only():
     # a drafter left out still sees the request, with nothing to propose (model drafters keep up)
     assert ngram.budgets == [("a", 4), ("b", 4), ("c", 0)]
     assert early.budgets == [("a", 4), ("b", 0), ("c", 4)]
+
+
+def test_merge_members_name_several_trained_drafts():
+    cfg = SpeculativeConfig.parse(
+        '{"method": "merge", "merge": ["draft:d1", "draft:/tmp/d2", "ngram"], "tree": "dynamic", "max_depth": 5}'
+    )
+    members = [cfg.with_method(m) for m in cfg.merge]
+    assert [(m.method, m.draft_model, m.merge, m.tree, m.max_depth) for m in members] == [
+        ("draft", "d1", (), "dynamic", 5), ("draft", "/tmp/d2", (), "dynamic", 5), ("ngram", None, (), "dynamic", 5),
+    ]
+    for bad in (["ngram"], ["ngram", "draft:"], ["ngram", "beam"], ["ngram", 3]):
+        with pytest.raises(SpecserveError, match="merge"):
+            SpeculativeConfig(method="merge", merge=tuple(bad))
