@@ -27,7 +27,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -205,15 +205,15 @@ def main(argv: list[str] | None = None) -> int:
             records, wall = run_method(engine, prompts, args.max_tokens, reference)
             if name == "off":
                 reference = [r["token_ids"] for r in records]
-            per_method[name] = {"config": _config_dict(spec), **summarise_acceptance(records),
+            per_method[name] = {"config": asdict(spec), **summarise_acceptance(records),
                                 "wall_s": round(wall, 3), "requests": records}
             summary = per_method[name]
             print(f"[{prompt_set.name}] {name:>12}: mean accepted {summary['mean_accepted_length']}, "
                   f"identical to off {summary['identical_to_off']}/{summary['num_requests']}, {wall:.1f}s",
                   file=sys.stderr, flush=True)
             del engine
-            save_json("", payload, path)  # after every method: a cut-off run keeps what it measured
-    save_json("", payload, path)
+            save_json(path.stem, payload, path)  # after every method: a cut-off run keeps what it measured
+    save_json(path.stem, payload, path)
     if not args.no_plot:
         plot(results, out_dir / f"acceptance_{args.tag}.png")
     print(f"{'set':<12}{'method':<16}{'accepted':>9}{'per depth (>= d)':>40}{'same as off':>13}")
@@ -229,11 +229,6 @@ def main(argv: list[str] | None = None) -> int:
 def _quote(arg: str) -> str:
     return json.dumps(arg) if " " in arg or "{" in arg else arg
 
-
-def _config_dict(spec: SpeculativeConfig) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(spec).items()}
 
 
 if __name__ == "__main__":

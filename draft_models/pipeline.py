@@ -44,9 +44,15 @@ from draft_models.distill_data import (
 )
 from draft_models.evaluate import draft_ranks, engine_acceptance, heldout_metrics
 from draft_models.parallel_generate import generate_samples_parallel
-from draft_models.run_info import environment, write_json
-from draft_models.small_draft import WEIGHTS_DIR, DraftSpec, build_draft_model, save_draft
+from draft_models.small_draft import (
+    WEIGHTS_DIR,
+    DraftSpec,
+    build_draft_model,
+    save_draft,
+    write_manifest,
+)
 from specserve.config import ModelConfig, SpeculativeConfig
+from specserve.environment import environment
 from specserve.errors import SpecserveError
 from specserve.models.loader import LoadedModel, cache_root, load_model
 
@@ -190,7 +196,7 @@ def run(cfg: RunConfig, loaded: LoadedModel | None = None) -> list[dict[str, Any
         else:
             metrics["engine"] = {"status": "not measured: --no-engine-eval"}
         manifest["wall_s"]["this_process"] = round(time.perf_counter() - start, 2)
-        write_json(folder / "manifest.json", manifest)
+        write_manifest(folder, manifest)
         _log(f"draft {k + 1} -> {folder}: held-out top-1 {metrics['top1_agreement']}, chain-8 "
              f"{metrics['chain_mean_accepted_length']['8']}, engine {metrics['engine'].get('mean_accepted_length')}")
         manifests.append(manifest)

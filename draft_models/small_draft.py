@@ -183,8 +183,13 @@ def save_draft(
         "dtype": "bfloat16",
     }
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    write_manifest(folder, manifest)
     return folder
+
+
+def write_manifest(folder: str | Path, manifest: dict[str, Any]) -> None:
+    """(Re)write a draft folder's manifest.json."""
+    (Path(folder) / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 def resolve_draft_folder(name_or_folder: str | Path) -> Path:
