@@ -105,7 +105,8 @@ def read_int(
     if isinstance(value, bool) or not isinstance(value, int):
         raise ApiError.bad_request(f"{param} must be an integer, not {_json_type(value)}", param)
     if not minimum <= value <= maximum:
-        raise ApiError.bad_request(f"{param} must lie between {minimum} and {maximum}, not {value}", param)
+        bound = f"at least {minimum}" if maximum == INT64_MAX else f"between {minimum} and {maximum}"
+        raise ApiError.bad_request(f"{param} must be {bound}, not {value}", param)
     return value
 
 
