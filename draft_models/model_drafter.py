@@ -66,6 +66,9 @@ class ModelDrafter:
             model.cfg.head_dim, model.embed_tokens.weight.dtype, device,
         )
         self.runner = ModelRunner(model, self.kv_cache, self.kv_manager, num_layers, graph_buckets)
+        model.attention.warm_up(  # a draft of other head shapes than the target's has its own variants
+            model.cfg, block_size, num_blocks * block_size, model.embed_tokens.weight.dtype, device
+        )
         self.num_cached: dict[str, int] = {}  # tokens of each sequence with K/V in our cache
         self.select_counts = select_counts
 

@@ -43,6 +43,7 @@ can be captured in a CUDA graph.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -142,20 +143,26 @@ def _online_softmax_step(
     return m_new, l_i, acc
 
 
-@triton.jit
+# Integers that change from step to step are not specialised on (Triton would otherwise compile a
+# variant per "== 1" / "% 16 == 0" pattern of each: multi-second stalls in the middle of serving).
+_VARYING = ("num_seqs", "num_splits", "stride_bts", "stride_ps", "stride_pt", "stride_ph", "stride_ms", "stride_mt")
+
+
+@triton.jit(do_not_specialize=_VARYING)
 def _tree_attention_kernel(
     q_ptr,  # [num_tokens, num_heads, HEAD_DIM]
     k_cache_ptr,  # [num_blocks, BLOCK_SIZE, num_kv_heads, HEAD_DIM]
     v_cache_ptr,  # [num_blocks, BLOCK_SIZE, num_kv_heads, HEAD_DIM]
-    out_ptr,  # [num_tokens, num_heads, HEAD_DIM] (output, when NUM_SPLITS == 1)
-    partial_out_ptr,  # [NUM_SPLITS, num_tokens, num_heads, HEAD_DIM] float32 (output, split)
-    partial_max_ptr,  # [NUM_SPLITS, num_tokens, num_heads] float32 (output, split)
-    partial_sum_ptr,  # [NUM_SPLITS, num_tokens, num_heads] float32 (output, split)
+    out_ptr,  # [num_tokens, num_heads, HEAD_DIM] (output, when not SPLIT)
+    partial_out_ptr,  # [num_splits, num_tokens, num_heads, HEAD_DIM] float32 (output, SPLIT)
+    partial_max_ptr,  # [num_splits, num_tokens, num_heads] float32 (output, SPLIT)
+    partial_sum_ptr,  # [num_splits, num_tokens, num_heads] float32 (output, SPLIT)
     block_tables_ptr,  # [num_seqs, max_num_blocks] int32
     prefix_lens_ptr,  # [num_seqs] int32
     tree_lens_ptr,  # [num_seqs] int32
     tree_parents_ptr,  # [num_tokens] int32
     num_seqs,
+    num_splits,  # programs along the prefix (grid axis 2); 1 unless SPLIT
     qk_scale,  # softmax scale * log2(e)
     stride_qt,
     stride_qh,
@@ -182,7 +189,7 @@ def _tree_attention_kernel(
     TREE_BLOCK_N: tl.constexpr,  # keys per tree tile, <= 64 (one int64 bitmask per row)
     CHECK_BLOCK: tl.constexpr,  # parents read at once by the chain check
     SEQS_PAD: tl.constexpr,  # a power of two >= num_seqs (at least 64: fewer variants)
-    NUM_SPLITS: tl.constexpr,
+    SPLIT: tl.constexpr,  # num_splits > 1: write partial results for _reduce_splits_kernel
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,  # compute the dots in float32 (the interpreter, for bf16)
     K_ROWS: tl.constexpr,
@@ -225,11 +232,11 @@ def _tree_attention_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
     # The prefix (this split's chunk of it): every position is visible to every row.
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         kv_lo = 0
         kv_hi = prefix_len
     else:
-        chunk = tl.cdiv(tl.cdiv(prefix_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        chunk = tl.cdiv(tl.cdiv(prefix_len, num_splits), BLOCK_N) * BLOCK_N
         kv_lo = tl.minimum(split * chunk, prefix_len)
         kv_hi = tl.minimum(kv_lo + chunk, prefix_len)
     offs_n = tl.arange(0, BLOCK_N)
@@ -257,7 +264,7 @@ def _tree_attention_kernel(
         )  # fmt: skip
 
     # The tree: keys 0 .. q_end - 1 of it, at positions prefix_len + j.
-    if split == NUM_SPLITS - 1:
+    if split == num_splits - 1:
         offs_tn = tl.arange(0, TREE_BLOCK_N)
         num_tree_tiles = tl.cdiv(q_end, TREE_BLOCK_N)
         offs_check = tl.arange(0, CHECK_BLOCK)
@@ -305,7 +312,7 @@ def _tree_attention_kernel(
                 )
 
     token = (seq_start + row_token).to(tl.int64)
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         out = acc / l_safe[:, None]
         out_offsets = token * stride_ot + row_head * stride_oh
@@ -326,7 +333,7 @@ def _tree_attention_kernel(
         tl.store(partial_sum_ptr + stat_offsets, l_i, mask=row_valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("num_heads", "stride_ps", "stride_pt", "stride_ph", "stride_ms", "stride_mt"))
 def _reduce_splits_kernel(
     partial_out_ptr,  # [NUM_SPLITS, num_tokens, num_heads, HEAD_DIM] float32
     partial_max_ptr,  # [NUM_SPLITS, num_tokens, num_heads] float32
@@ -393,36 +400,51 @@ def select_launch_config(
     Tiles were picked on an H100 (bench/kernel_tree_attention.py): 128 x 128 tiles, 8 warps and
     row-major K loads for head_dim 128; 64 x 128 tiles and 4 warps for head_dim 64.
 
+    Small grids: if 128-row tiles would give fewer programs than SMs, 64-row tiles are used
+    (a tree of 256 over a 256 context, head_dim 128, batch 1: 0.020 ms against 0.035 ms with
+    128 rows and 4 splits; measured on the H100, CUDA graphs).
+
     Split rule: if the (query blocks x kv heads) programs would not fill the GPU's SMs and the
     block table holds at least 2 * MIN_SPLIT_LEN positions, cut every prefix into
     num_splits = prev_pow2(ceil(3 * num_sms / programs)) chunks (about three programs per SM), at
     most prev_pow2(max_context_len // MIN_SPLIT_LEN) and MAX_SPLITS. ``max_context_len`` is the
-    block table's capacity (max_num_blocks * block_size), an upper bound of every prefix.
+    block table's capacity (max_num_blocks * block_size), an upper bound of every prefix. No split
+    for trees of 64+ tokens per sequence in a table of at most 8x that: the last split would
+    still walk the whole tree, so splitting only adds the reduction.
     """
     group = num_heads // num_kv_heads
     tokens_per_seq = triton.cdiv(num_tokens, max(num_seqs, 1))
-    if dtype == torch.float32 or head_dim > 128:
-        max_block_m, block_n = 64, 32 if head_dim > 128 else 64
-    elif head_dim > 64:
-        max_block_m, block_n = 128, 128
-    else:
-        max_block_m, block_n = 64, 128
+    max_block_m = _max_block_m(head_dim, dtype)
     block_m = min(max(triton.next_power_of_2(tokens_per_seq * group), 16), max_block_m)
     block_m = max(block_m, triton.next_power_of_2(group))
-    block_q = block_m // group
-    tree_block_n = 32 if head_dim > 128 else 64
-    num_programs = (num_tokens // block_q + num_seqs) * num_kv_heads
-    num_splits = 1
-    if num_programs < num_sms and max_context_len >= 2 * MIN_SPLIT_LEN:
+    if block_m > 64 and 64 >= group and (num_tokens // (block_m // group) + num_seqs) * num_kv_heads < num_sms:
+        block_m = 64
+    tile = launch_tile(block_m, group, head_dim, dtype)
+    num_programs = (num_tokens // tile.block_q + num_seqs) * num_kv_heads
+    tree_dominates = tokens_per_seq >= 64 and max_context_len <= 8 * tokens_per_seq
+    if num_programs < num_sms and max_context_len >= 2 * MIN_SPLIT_LEN and not tree_dominates:
         wanted = triton.cdiv(3 * num_sms, num_programs)
         by_length = max_context_len // MIN_SPLIT_LEN
-        num_splits = 1 << int(math.log2(min(wanted, by_length, MAX_SPLITS)))
+        tile = dataclasses.replace(tile, num_splits=1 << int(math.log2(min(wanted, by_length, MAX_SPLITS))))
+    return tile
+
+
+def _max_block_m(head_dim: int, dtype: torch.dtype) -> int:
+    return 128 if 64 < head_dim <= 128 and dtype != torch.float32 else 64
+
+
+def launch_tile(block_m: int, group: int, head_dim: int, dtype: torch.dtype) -> LaunchConfig:
+    """The unsplit launch config of a ``block_m``-row query tile (everything but the split
+    count follows from block_m, head_dim and dtype)."""
+    if dtype == torch.float32 or head_dim > 128:
+        block_n = 32 if head_dim > 128 else 64
+    else:
+        block_n = 128
+    tree_block_n = 32 if head_dim > 128 else 64
     num_warps = 8 if block_m >= 128 else 4
     num_stages = 2 if head_dim > 128 else 3
     k_rows = head_dim >= 128 and dtype != torch.float32
-    return LaunchConfig(
-        block_m, block_q, block_n, tree_block_n, num_splits, num_warps, num_stages, k_rows
-    )
+    return LaunchConfig(block_m, block_m // group, block_n, tree_block_n, 1, num_warps, num_stages, k_rows)
 
 
 @functools.lru_cache(maxsize=16)
@@ -541,7 +563,7 @@ def launch_tree_attention(
     _tree_attention_kernel[grid](
         q, k_cache, v_cache, out, partial_out, partial_max, partial_sum,
         block_tables, prefix_lens, tree_lens, tree_parents,
-        num_seqs, scale * LOG2_E,
+        num_seqs, num_splits, scale * LOG2_E,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -557,7 +579,7 @@ def launch_tree_attention(
         TREE_BLOCK_N=config.tree_block_n,
         SEQS_PAD=max(triton.next_power_of_2(num_seqs), 64),  # few variants to compile
         CHECK_BLOCK=256,
-        NUM_SPLITS=num_splits,
+        SPLIT=num_splits > 1,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST_DOT=q.dtype == torch.bfloat16 and q.device.type != "cuda",
         K_ROWS=config.k_rows,
@@ -575,6 +597,52 @@ def launch_tree_attention(
             num_warps=4 if head_dim * num_splits >= 4096 else 2,
         )  # fmt: skip
     return out
+
+
+def compile_variants(
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    max_context_len: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> int:
+    """Launch, once each on tiny inputs, every kernel variant ``tree_attention`` can pick for this
+    model (so Triton compiles them all now, not in the middle of serving); returns the number of
+    distinct compiled variants launched.
+
+    A variant is fixed by the ``LaunchConfig`` fields other than ``num_splits``, whether it splits,
+    and the reduce kernel's split count. ``select_launch_config`` picks a tile of block_m rows, a
+    power of two from max(16, group) to ``_max_block_m``, and a power-of-two split count no
+    greater than the one a single one-token sequence gets at ``max_context_len``.
+    """
+    num_sms = _num_sms(device) if device.type == "cuda" else DEFAULT_NUM_SMS
+    group = num_heads // num_kv_heads
+    smallest = max(16, triton.next_power_of_2(group))
+    tiles = [launch_tile(1 << i, group, head_dim, dtype)
+             for i in range(int(math.log2(smallest)), int(math.log2(max(smallest, _max_block_m(head_dim, dtype)))) + 1)]
+    most = select_launch_config(1, 1, num_heads, num_kv_heads, head_dim, max_context_len, dtype, num_sms)
+    split_counts = [1] + [1 << i for i in range(1, int(math.log2(most.num_splits)) + 1)]
+    width = -(-max(c.block_q for c in tiles) // block_size)
+    k_cache = torch.zeros((width, block_size, num_kv_heads, head_dim), dtype=dtype, device=device)
+    block_table = torch.arange(width, dtype=torch.int32, device=device)[None]
+    variants = set()
+    for tile in sorted(tiles, key=lambda c: c.block_m):
+        for num_splits in split_counts:
+            key = (tile, num_splits > 1) if num_splits <= 2 else ("reduce", num_splits)
+            if key in variants:
+                continue
+            variants.add(key)
+            n = tile.block_q
+            launch_tree_attention(
+                torch.zeros((n, num_heads, head_dim), dtype=dtype, device=device), k_cache, k_cache,
+                block_table, torch.zeros(1, dtype=torch.int32, device=device),
+                torch.full((1,), n, dtype=torch.int32, device=device),
+                torch.arange(-1, n - 1, dtype=torch.int32, device=device),
+                1.0, dataclasses.replace(tile, num_splits=num_splits),
+            )
+    return len(variants)
 
 
 def tree_attention(

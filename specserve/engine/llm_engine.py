@@ -58,6 +58,10 @@ class LLMEngine:
             arch.num_kv_heads, arch.head_dim, self.loaded.dtype, self.loaded.device,
         )
         self.runner = ModelRunner(self.loaded.model, self.kv_cache, self.kv_manager, graph_buckets=self.graph_buckets)
+        self.num_kernel_variants = self.loaded.model.attention.warm_up(  # no compile stalls mid-serving
+            arch, cache_cfg.block_size, self.max_model_len + config.speculative.max_tree_tokens + 1,
+            self.loaded.dtype, self.loaded.device,
+        )
         self.scheduler = Scheduler(config.scheduler, self.kv_manager)
         self.step_cost: StepCost | None = None  # the auto budget's and the switch-off's cost curve
         select_counts = None

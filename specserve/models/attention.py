@@ -37,6 +37,16 @@ class AttentionBackend:
     name: str
     fn: Callable[..., torch.Tensor]
     needs_dense_plan: bool = False
+    compiles: bool = False  # Triton on CUDA: compile its variants at start-up (``warm_up``)
+
+    def warm_up(self, cfg, block_size: int, max_context_len: int, dtype: torch.dtype, device: torch.device) -> int:
+        """Compile every kernel variant the engine's steps can need (none off CUDA); the count."""
+        if not self.compiles or device.type != "cuda":
+            return 0
+        from kernels.tree_attention import compile_variants
+
+        return compile_variants(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, block_size, max_context_len,
+                                dtype, device)
 
 
 def _triton(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
@@ -58,7 +68,7 @@ def _dense(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.
 
 
 BACKENDS = {
-    "triton": AttentionBackend("triton", _triton),
+    "triton": AttentionBackend("triton", _triton, compiles=True),
     "dense": AttentionBackend("dense", _dense, needs_dense_plan=True),
     "reference": AttentionBackend("reference", _reference),
 }

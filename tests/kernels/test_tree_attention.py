@@ -21,6 +21,9 @@ import pytest  # noqa: E402
 from kernels.reference import tree_attention_ref  # noqa: E402
 from kernels.tree_attention import (  # noqa: E402
     LaunchConfig,
+    _reduce_splits_kernel,
+    _tree_attention_kernel,
+    compile_variants,
     launch_tree_attention,
     select_launch_config,
     tree_attention,
@@ -290,6 +293,53 @@ def test_non_contiguous_q_and_cache():
     inputs.k_cache, inputs.v_cache = kv[:, 0], kv[:, 1]
     assert not inputs.q.is_contiguous() and not inputs.k_cache.is_contiguous()
     check_against_reference(inputs)
+
+
+def test_compile_variants_covers_every_tile_and_split_count():
+    """SmolLM2's heads in fp32, 512 positions: tiles of 16, 32 and 64 rows, each unsplit and
+    split (6), plus the reduce kernel for 4 splits (512 // 128 = 4); with no room to split, the
+    three tiles only."""
+    assert select_launch_config(1, 1, 9, 3, 64, 512, torch.float32).num_splits == 4
+    assert compile_variants(9, 3, 64, 16, 512, torch.float32, torch.device(DEVICE)) == 7
+    assert compile_variants(9, 3, 64, 16, 0, torch.float32, torch.device(DEVICE)) == 3
+
+
+def test_launch_rules_for_small_grids_and_tree_dominated_steps():
+    """head_dim 128 bf16 on 132 SMs: a 256-token tree of one sequence gets 64-row tiles (128
+    would leave SMs idle) and no split (a 512-position table is within 8x of the tree); a batch
+    of 8 such trees keeps 128-row tiles; decode over a long table still splits."""
+    one = select_launch_config(256, 1, 32, 8, 128, 512, torch.bfloat16, num_sms=132)
+    assert (one.block_m, one.block_q, one.num_warps, one.num_splits) == (64, 16, 4, 1)
+    eight = select_launch_config(8 * 256, 8, 32, 8, 128, 512, torch.bfloat16, num_sms=132)
+    assert (eight.block_m, eight.num_warps, eight.num_splits) == (128, 8, 1)
+    assert select_launch_config(1, 1, 32, 8, 128, 8192, torch.bfloat16, num_sms=132).num_splits == 32
+    assert select_launch_config(256, 1, 32, 8, 128, 4096, torch.bfloat16, num_sms=132).num_splits == 1
+    assert select_launch_config(64, 1, 32, 8, 128, 4096, torch.bfloat16, num_sms=132).num_splits == 8
+
+
+def _num_compiled(kernel) -> int:
+    return sum(len(caches[0]) for caches in kernel.device_caches.values())
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_no_compile_after_compile_variants():
+    """After the start-up warm-up, steps of any tree size, batch and context compile nothing."""
+    compile_variants(9, 3, 64, 16, 8192, torch.bfloat16, torch.device("cuda"))
+    before = _num_compiled(_tree_attention_kernel), _num_compiled(_reduce_splits_kernel)
+    generator = torch.Generator().manual_seed(24)
+    for trial in range(12):
+        batch = int(torch.randint(1, 33, (), generator=generator))
+        tree_len = int(torch.randint(1, 257, (), generator=generator)) if batch == 1 else int(
+            torch.randint(1, 65, (), generator=generator))
+        prefix_lens = [int(x) for x in torch.randint(0, 8000, (batch,), generator=generator)]
+        inputs = make_paged_inputs(
+            100 + trial, prefix_lens, [("random_tree", tree_len)] * batch, 9, 3, 64, 16, torch.bfloat16,
+            spare_table_blocks=int(torch.randint(0, 40, (), generator=generator)),
+        )  # fmt: skip
+        tree_attention(*inputs.args())
+    torch.cuda.synchronize()
+    assert (_num_compiled(_tree_attention_kernel), _num_compiled(_reduce_splits_kernel)) == before
 
 
 # ---------------------------------------------------------------- input checks
