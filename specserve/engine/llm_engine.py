@@ -90,7 +90,8 @@ class LLMEngine:
         device = self.loaded.device
         device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu{torch.get_num_threads()}"
         dtype = str(self.loaded.dtype).removeprefix("torch.")
-        tag = f"{device_name}-{self.loaded.name}-{dtype}-bs{self.config.cache.block_size}".replace(" ", "_")
+        mode = "eager" if self.graph_buckets is None else "graphs"  # the two cost curves differ by 10x
+        tag = f"{device_name}-{self.loaded.name}-{dtype}-bs{self.config.cache.block_size}-{mode}".replace(" ", "_")
         # sizes up to twice a full tree; the context shrinks to fit small models and pools
         room = min(self.max_model_len, self.num_kv_tokens)
         sizes = tuple(n for n in CALIBRATION_SIZES if n <= max(2, min(2 * (1 + spec.max_tree_tokens), room // 2)))

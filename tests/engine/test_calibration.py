@@ -40,3 +40,13 @@ def test_measured_cost_is_positive_and_cached(smollm, tmp_path):
     cost = measure_step_cost(engine.runner, sizes=(1, 4), repeats=1)
     assert cost.sizes == (1, 4) and all(s > 0 for s in cost.seconds)
     assert engine.kv_manager.pool.num_free_blocks == 64
+
+
+def test_calibration_is_cached_per_execution_mode(smollm, tmp_path, monkeypatch):
+    """The cost curve is cached under a name that says eager or graphs (CUDA graphs cut a step's
+    cost ~10x on the H100; a curve measured eagerly would make every tree look cheap)."""
+    monkeypatch.setenv("SPECSERVE_CACHE_DIR", str(tmp_path))
+    spec = SpeculativeConfig(method="ngram", max_tree_tokens=2)
+    LLMEngine(EngineConfig(cache=CacheConfig(num_blocks=64), speculative=spec), loaded=smollm)
+    files = [p.name for p in (tmp_path / "calibration").iterdir()]
+    assert len(files) == 1 and "-bs16-eager-" in files[0], files
