@@ -85,10 +85,10 @@ class GraphBuckets:
 
 
 def graph_buckets_for(config: EngineConfig, loaded: LoadedModel) -> GraphBuckets | None:
-    """The engine's buckets, or None (every forward eager) with --enforce-eager, off CUDA, with
-    offloaded layers (they stream on their own stream) or an attention backend other than Triton."""
-    if (config.model.enforce_eager or loaded.device.type != "cuda" or loaded.residency is not None
-            or loaded.model.attention.name != "triton"):
+    """The engine's buckets, or None (every forward eager) with --enforce-eager, off CUDA or with
+    an attention backend other than Triton. Offloaded models are captured too: their layer
+    copies become graph nodes (``offload.offloaded_model``)."""
+    if config.model.enforce_eager or loaded.device.type != "cuda" or loaded.model.attention.name != "triton":
         return None
     max_num_seqs = config.scheduler.max_num_seqs
     seq_sizes = tuple(s for s in SEQ_SIZES if s < max_num_seqs) + (max_num_seqs,)

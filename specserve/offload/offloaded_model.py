@@ -13,6 +13,11 @@ overlaps layer k-1's compute. Events order the two streams:
     copy stream:    wait freed[b] -> copy layer into buffer b -> record copied[b]
     compute stream: wait copied[b] -> run the layer from buffer b -> record freed[b]
 
+A forward forks the copy stream from the compute stream before its first two copies (which
+orders them after the previous forward's use of both buffers) and joins it back after its last
+layer, and records every event it waits on itself: so the whole streamed forward can be captured
+in a CUDA graph (host buffers and working buffers never move) and replayed.
+
 Keeping the *last* layers offloaded leaves the first ones resident, where an early-exit drafter
 runs them without streaming. On the CPU the same code copies synchronously (the test path).
 One forward streams every offloaded layer once, whatever the number of tokens: a whole token
@@ -55,12 +60,13 @@ class LayerStreamer:
         """Bytes copied to the device by one full forward."""
         return sum(flat.numel() * flat.element_size() for flat in self.host_flats)
 
-    def _copy(self, index: int, buffer: int) -> None:
+    def _copy(self, index: int, buffer: int, after_freed: bool) -> None:
         if self.copy_stream is None:
             self.buffers[buffer].copy_(self.host_flats[index])
             return
         with torch.cuda.stream(self.copy_stream):
-            self.copy_stream.wait_event(self.freed[buffer])
+            if after_freed:
+                self.copy_stream.wait_event(self.freed[buffer])
             self.buffers[buffer].copy_(self.host_flats[index], non_blocking=True)
             self.copied[buffer].record(self.copy_stream)
 
@@ -70,9 +76,16 @@ class LayerStreamer:
         return lambda *args: functional_call(self.template, views, args)
 
     def layers(self, count: int) -> Iterator[Callable[..., torch.Tensor]]:
-        """The first ``count`` offloaded layers, each streamed in before it is handed out."""
+        """The first ``count`` offloaded layers, each streamed in before it is handed out. The
+        first two copies are issued now, so they overlap whatever the caller runs before it
+        asks for the first layer (the resident layers)."""
+        if self.copy_stream is not None and count:
+            self.copy_stream.wait_stream(torch.cuda.current_stream())  # fork
         for index in range(min(2, count)):
-            self._copy(index, index)
+            self._copy(index, index, after_freed=False)
+        return self._stream(count)
+
+    def _stream(self, count: int) -> Iterator[Callable[..., torch.Tensor]]:
         for index in range(count):
             buffer = index % 2
             if self.copied is not None:
@@ -81,7 +94,9 @@ class LayerStreamer:
             if self.freed is not None:  # the caller has enqueued this layer's compute
                 self.freed[buffer].record(torch.cuda.current_stream())
             if index + 2 < count:
-                self._copy(index + 2, buffer)
+                self._copy(index + 2, buffer, after_freed=True)
+        if self.copy_stream is not None and count:
+            torch.cuda.current_stream().wait_stream(self.copy_stream)  # join
 
 
 class OffloadedLlamaForCausalLM(LlamaForCausalLM):
@@ -103,8 +118,9 @@ class OffloadedLlamaForCausalLM(LlamaForCausalLM):
         return len(self.layers)
 
     def layer_sequence(self, num_layers: int) -> Iterator[Callable[..., torch.Tensor]]:
+        streamed = self.streamer.layers(max(0, num_layers - self.num_resident))  # copies start here
         yield from self.layers[: min(num_layers, self.num_resident)]
-        yield from self.streamer.layers(max(0, num_layers - self.num_resident))
+        yield from streamed
 
 
 def offload_model(model: LlamaForCausalLM, device: torch.device, num_resident: int) -> OffloadedLlamaForCausalLM:

@@ -67,3 +67,24 @@ def test_planner_arithmetic_and_errors():
         plan_residency(arch, torch.float32, 1e-9)
     with pytest.raises(SpecserveError, match="needs --offload"):
         ModelConfig(gpu_memory_budget_gb=4.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_offloaded_graphs_equal_eager_and_resident():
+    """On CUDA, fp32: the fully offloaded model's streamed forward captured in CUDA graphs (its
+    layer copies are graph nodes) gives the resident eager engine's greedy tokens, with and
+    without speculation."""
+    resident = load_model(ModelConfig(device="cuda", dtype="float32"))
+    prompts = [PROMPT, PROMPT[:5] * 3, list(range(300, 340))]
+    params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+    ref = LLMEngine(EngineConfig(cache=CacheConfig(num_blocks=64)), loaded=resident).generate(prompts, params)
+    del resident
+    streamed = load_model(ModelConfig(device="cuda", dtype="float32", offload=True, enforce_eager=False))
+    assert streamed.residency.num_resident == 0
+    for spec in (SpeculativeConfig(), SpeculativeConfig(method="ngram", max_tree_tokens=8)):
+        engine = LLMEngine(EngineConfig(model=ModelConfig(enforce_eager=False), cache=CacheConfig(num_blocks=64),
+                                        speculative=spec), loaded=streamed)
+        ours = engine.generate(prompts, params)
+        assert engine.runner.graphs is not None and engine.runner.graphs.num_captured > 0
+        assert [o.token_ids for o in ours] == [o.token_ids for o in ref]
