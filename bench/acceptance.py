@@ -139,7 +139,7 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.acceptance", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prompt-set", action="append", default=None, help="humaneval, chat, random:LEN or a JSONL file")
+    p.add_argument("--prompt-set", action="append", default=None, help="humaneval, chat, random:LEN, alphabet:LEN or a JSONL file")
     p.add_argument("--num-prompts", type=int, default=None, help="cap per set (default: all)")
     p.add_argument("--method", action="append", default=[], metavar="NAME=CONFIG")
     p.add_argument("--max-tokens", type=int, default=256)

@@ -153,6 +153,8 @@ def request_row(prompt_index: int, group: int, num_prompt_tokens: int, record, o
         "num_verify_steps": record.acceptance.num_steps,
         "num_accepted_tokens": record.acceptance.num_accepted_tokens,
         "accepted_per_depth": list(record.acceptance.accepted_per_depth),
+        "num_switch_offs": record.num_switch_offs,
+        "num_switched_off_steps": record.num_switched_off_steps,
     }
     if off_ids is not None:
         row["identical_to_off"] = record.token_ids == off_ids
@@ -189,6 +191,8 @@ def method_summary(groups: list[GroupResult]) -> dict[str, Any]:
         "verify_ms_per_step": summary_or_none([s.verify_s for s in decode_steps], 1000),
         "step_ms": summary_or_none([s.total_s for s in decode_steps], 1000),
         "mean_draft_tokens_per_step": (sum(s.num_draft_tokens for s in decode_steps) / len(decode_steps)) if decode_steps else None,
+        "num_switch_offs": sum(r.num_switch_offs for r in records),
+        "num_switched_off_steps": sum(r.num_switched_off_steps for r in records),
     }
 
 
@@ -268,7 +272,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.latency", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompt-set", action="append", default=None,
-                        help="humaneval, chat, random:LEN or a JSONL file (repeatable; default: chat)")
+                        help="humaneval, chat, random:LEN, alphabet:LEN or a JSONL file (repeatable; default: chat)")
     template = parser.add_mutually_exclusive_group()
     template.add_argument("--chat-template", dest="files_chat_template", action="store_true", default=True,
                           help="JSONL files: apply the chat template (default)")

@@ -33,6 +33,8 @@ class RequestRecord:
     timeline: Timeline
     acceptance: Acceptance  # verification steps of this request (none for plain decoding)
     finish_reason: str | None = None
+    num_switch_offs: int = 0  # our engine's per-request switch-off (0 for transformers)
+    num_switched_off_steps: int = 0
 
 
 @dataclass
@@ -98,7 +100,8 @@ class EngineRunner:
             out = finals[r]
             acceptance = Acceptance(out.num_steps, out.num_accepted_tokens, tuple(out.accepted_per_depth))
             requests.append(RequestRecord(list(out.token_ids), Timeline(start, tuple(times[r]), tuple(counts[r])),
-                                          acceptance, out.finish_reason))
+                                          acceptance, out.finish_reason, out.num_switch_offs,
+                                          out.num_switched_off_steps))
         return GroupResult(requests, end - start, steps)
 
 

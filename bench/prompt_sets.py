@@ -4,6 +4,9 @@
                  code completion, no chat template
     chat         bench/prompts/chat.jsonl (60 questions), through the model's chat template
     random:LEN   prompts of LEN random token ids (seeded), raw
+    alphabet:LEN prompts of LEN random ids from a 24-token alphabet (seeded), raw: every token
+                 recurs, so prompt lookup always finds a match, but what followed it is noise
+                 (the set built to defeat the drafters)
     PATH         any JSONL file with a ``prompt`` field per line; chat template or raw as asked
 
 A set keeps text (or token ids for random sets) and whether to apply the chat template; turning
@@ -63,6 +66,16 @@ def random_prompt_ids(num_prompts: int, length: int, seed: int, max_id: int = RA
     return [tuple(rng.randrange(RANDOM_MIN_ID, max_id) for _ in range(length)) for _ in range(num_prompts)]
 
 
+ALPHABET_SIZE = 24
+
+
+def alphabet_prompt_ids(num_prompts: int, length: int, seed: int, max_id: int = RANDOM_MAX_ID) -> list[tuple[int, ...]]:
+    """``num_prompts`` prompts of ``length`` ids drawn from ALPHABET_SIZE ids of [RANDOM_MIN_ID, max_id)."""
+    rng = random.Random(f"alphabet-prompts-{seed}-{length}")
+    letters = rng.sample(range(RANDOM_MIN_ID, max_id), ALPHABET_SIZE)
+    return [tuple(rng.choice(letters) for _ in range(length)) for _ in range(num_prompts)]
+
+
 def load_prompt_set(
     spec: str,
     num_prompts: int | None = None,
@@ -76,15 +89,16 @@ def load_prompt_set(
         return PromptSet("humaneval", tuple(load_humaneval(num_prompts)), chat_template=False)
     if spec == "chat":
         return PromptSet("chat", tuple(load_prompts(PROMPTS_DIR / "chat.jsonl", num_prompts)), chat_template=True)
-    if spec.startswith("random:"):
-        length = spec.removeprefix("random:")
-        if not length.isdigit() or int(length) < 1:
-            raise ValueError(f"bad prompt set {spec!r}: write random:LEN with LEN a positive number of tokens")
-        count = num_prompts if num_prompts is not None else 64
-        return PromptSet(spec, tuple(random_prompt_ids(count, int(length), seed, random_max_id)), chat_template=False)
+    for kind, make in (("random", random_prompt_ids), ("alphabet", alphabet_prompt_ids)):
+        if spec.startswith(kind + ":"):
+            length = spec.removeprefix(kind + ":")
+            if not length.isdigit() or int(length) < 1:
+                raise ValueError(f"bad prompt set {spec!r}: write {kind}:LEN with LEN a positive number of tokens")
+            count = num_prompts if num_prompts is not None else 64
+            return PromptSet(spec, tuple(make(count, int(length), seed, random_max_id)), chat_template=False)
     path = Path(spec)
     if not path.is_file():
-        raise ValueError(f"unknown prompt set {spec!r}: use humaneval, chat, random:LEN or a JSONL file with a 'prompt' field")
+        raise ValueError(f"unknown prompt set {spec!r}: use humaneval, chat, random:LEN, alphabet:LEN or a JSONL file with a 'prompt' field")
     return PromptSet(str(path), tuple(load_prompts(path, num_prompts)), chat_template=files_chat_template)
 
 

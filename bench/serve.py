@@ -358,7 +358,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="auto: chat-template sets to chat, raw and token-id sets to completions")
     parser.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="default: $OPENAI_API_KEY")
     parser.add_argument("--prompt-set", action="append", default=None,
-                        help="humaneval, chat, random:LEN or a JSONL file (repeatable, interleaved; default: chat)")
+                        help="humaneval, chat, random:LEN, alphabet:LEN or a JSONL file (repeatable, interleaved; default: chat)")
     template = parser.add_mutually_exclusive_group()
     template.add_argument("--chat-template", dest="files_chat_template", action="store_true", default=True,
                           help="JSONL files: chat endpoint / chat template (default)")

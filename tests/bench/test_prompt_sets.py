@@ -1,4 +1,4 @@
-"""Prompt sets by name: humaneval, chat, random:LEN, JSONL files."""
+"""Prompt sets by name: humaneval, chat, random:LEN, alphabet:LEN, JSONL files."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 import pytest
 
 from bench.prompt_sets import (
+    ALPHABET_SIZE,
     RANDOM_MAX_ID,
     RANDOM_MIN_ID,
     load_prompt_set,
@@ -52,6 +53,21 @@ def test_random_sets_are_seeded_and_in_range():
     assert prompt_set.prompts != load_prompt_set("random:16", 3, seed=6).prompts
     assert random_prompt_ids(2, 4, seed=0, max_id=300) == random_prompt_ids(2, 4, seed=0, max_id=300)
     assert all(t < 300 for p in random_prompt_ids(4, 8, seed=1, max_id=300) for t in p)
+
+
+def test_alphabet_sets_recur_over_a_small_alphabet():
+    """alphabet:LEN, the set built to defeat the drafters: ALPHABET_SIZE distinct ids in all,
+    seeded, in range."""
+    prompt_set = load_prompt_set("alphabet:64", 4, seed=2)
+    assert prompt_set.is_token_ids and not prompt_set.chat_template
+    assert [len(p) for p in prompt_set.prompts] == [64] * 4
+    letters = {t for p in prompt_set.prompts for t in p}
+    assert len(letters) == ALPHABET_SIZE and all(RANDOM_MIN_ID <= t < RANDOM_MAX_ID for t in letters)
+    assert prompt_set.prompts == load_prompt_set("alphabet:64", 4, seed=2).prompts
+    assert prompt_set.prompts != load_prompt_set("alphabet:64", 4, seed=3).prompts
+    for bad in ("alphabet:", "alphabet:0", "alphabet:-3"):
+        with pytest.raises(ValueError, match="alphabet:LEN"):
+            load_prompt_set(bad)
 
 
 def test_jsonl_files_and_bad_names(tmp_path):
