@@ -169,7 +169,7 @@ def run_baseline(batch: PagedBatch, group: int) -> torch.Tensor:
     return out.transpose(1, 2).reshape(batch.q.shape)
 
 
-def time_ms(fn, quick: bool, cuda_graph: bool = False) -> float:
+def time_ms(fn, quick: bool, cuda_graph: bool = False, rep_ms: int = 25) -> float:
     if quick:  # the interpreter on the CPU: wall clock, a few calls
         fn()
         start = time.perf_counter()
@@ -177,11 +177,11 @@ def time_ms(fn, quick: bool, cuda_graph: bool = False) -> float:
             fn()
         return (time.perf_counter() - start) / 2 * 1e3
     if cuda_graph:
-        return triton.testing.do_bench_cudagraph(fn, rep=25, return_mode="median")
-    return triton.testing.do_bench(fn, warmup=10, rep=25, return_mode="median")
+        return triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
+    return triton.testing.do_bench(fn, warmup=10, rep=rep_ms, return_mode="median")
 
 
-def bench_config(config: BenchConfig, quick: bool, seed: int) -> dict:
+def bench_config(config: BenchConfig, quick: bool, seed: int, rep_ms: int = 25) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float32 if quick else torch.bfloat16
     block_size = 16
@@ -204,12 +204,12 @@ def bench_config(config: BenchConfig, quick: bool, seed: int) -> dict:
     row = asdict(config)
     row.update(num_splits=launch.num_splits, block_m=launch.block_m, max_abs_error=error)
     for name, fn in timed.items():
-        row[f"{name}_ms"] = time_ms(fn, quick)
+        row[f"{name}_ms"] = time_ms(fn, quick, rep_ms=rep_ms)
     row["ratio_vs_baseline"] = row["kernel_ms"] / row["baseline_ms"]
     row["ratio_vs_sdpa_only"] = row["kernel_ms"] / row["sdpa_only_ms"]
     if not quick:
         for name, fn in timed.items():
-            row[f"{name}_graph_ms"] = time_ms(fn, quick, cuda_graph=True)
+            row[f"{name}_graph_ms"] = time_ms(fn, quick, cuda_graph=True, rep_ms=rep_ms)
         row["graph_ratio_vs_baseline"] = row["kernel_graph_ms"] / row["baseline_graph_ms"]
         row["graph_ratio_vs_sdpa_only"] = row["kernel_graph_ms"] / row["sdpa_only_graph_ms"]
     return row
@@ -242,7 +242,7 @@ def summary_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: list[dict], path: str) -> None:
+def plot(results: list[dict], path: str, device: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -266,10 +266,53 @@ def plot(results: list[dict], path: str) -> None:
         axis.set_xticks(list(x), labels, rotation=90, fontsize=6)
         axis.set_ylabel("time ratio (lower is better)")
         heads = f"{rows[0]['num_heads']}/{rows[0]['num_kv_heads']} heads"
-        axis.set_title(f"tree attention, head_dim {head_dim}, {heads}, bf16, block size 16")
+        axis.set_title(f"tree attention on {device}, head_dim {head_dim}, {heads}, bf16, block size 16")
         axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
+
+
+def format_row(row: dict) -> str:
+    graphs = (
+        f"  graphs: kernel {row['kernel_graph_ms']:8.4f} ms  ratio "
+        f"{row['graph_ratio_vs_baseline']:5.2f} / {row['graph_ratio_vs_sdpa_only']:5.2f}"
+        if "kernel_graph_ms" in row
+        else ""
+    )
+    return (
+        f"hd{row['head_dim']:>4} b{row['batch']:>3} ctx{row['context_len']:>5} "
+        f"tree{row['tree_len']:>5}{'c' if row['tree_kind'] == 'chain' else ' '} "
+        f"splits{row['num_splits']:>3}  kernel {row['kernel_ms']:8.4f} ms  "
+        f"baseline {row['baseline_ms']:8.4f} ms  sdpa {row['sdpa_only_ms']:8.4f} ms  "
+        f"ratio {row['ratio_vs_baseline']:5.2f} / {row['ratio_vs_sdpa_only']:5.2f}"
+        f"{graphs}  err {row['max_abs_error']:.1e}"
+    )
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (interpreter)"
+
+
+def write_report(args: argparse.Namespace, results: list[dict], skipped: list[dict], complete: bool) -> None:
+    """The JSON report (``complete`` false while configs remain: a partial run)."""
+    report = {
+        "benchmark": "tree attention over a paged KV cache: Triton kernel vs gather + SDPA",
+        "device": device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "dtype": "float32" if args.quick else "bfloat16",
+        "block_size": 16,
+        "seed": args.seed,
+        "rep_ms": args.rep_ms,
+        "complete": complete,
+        "results": results,
+        "skipped_over_memory": skipped,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out + ".tmp", "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(args.out + ".tmp", args.out)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -278,61 +321,36 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny CPU smoke run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--replot", help="only redraw the plot of an existing results JSON")
+    parser.add_argument("--rep-ms", type=int, default=25, help="timing window of every do_bench (ms)")
     args = parser.parse_args(argv)
     if args.replot:
         with open(args.replot) as f:
-            plot(json.load(f)["results"], os.path.splitext(args.replot)[0] + ".png")
+            report = json.load(f)
+        plot(report["results"], os.path.splitext(args.replot)[0] + ".png", report["device"])
         return
     if not args.quick and not torch.cuda.is_available():
         parser.error("the full benchmark needs a CUDA device; use --quick on the CPU")
 
+    grid = config_grid(args.quick)
     results, skipped = [], []
     started = time.perf_counter()
-    for index, config in enumerate(config_grid(args.quick)):
+    for index, config in enumerate(grid):
         if estimated_bytes(config) > MAX_BYTES:
             skipped.append(asdict(config))
             continue
-        row = bench_config(config, args.quick, args.seed + index)
+        row = bench_config(config, args.quick, args.seed + index, args.rep_ms)
         results.append(row)
-        print(
-            f"hd{row['head_dim']:>4} b{row['batch']:>3} ctx{row['context_len']:>5} "
-            f"tree{row['tree_len']:>5}{'c' if row['tree_kind'] == 'chain' else ' '} "
-            f"splits{row['num_splits']:>3}  kernel {row['kernel_ms']:8.4f} ms  "
-            f"baseline {row['baseline_ms']:8.4f} ms  sdpa {row['sdpa_only_ms']:8.4f} ms  "
-            f"ratio {row['ratio_vs_baseline']:5.2f} / {row['ratio_vs_sdpa_only']:5.2f}"
-            + (
-                f"  graphs: kernel {row['kernel_graph_ms']:8.4f} ms  ratio "
-                f"{row['graph_ratio_vs_baseline']:5.2f} / {row['graph_ratio_vs_sdpa_only']:5.2f}"
-                if "kernel_graph_ms" in row
-                else ""
-            )
-            + f"  err {row['max_abs_error']:.1e}",
-            flush=True,
-        )
+        print(format_row(row), flush=True)
+        if args.out:  # after every config: a run cut short still leaves what it measured
+            write_report(args, results, skipped, complete=index == len(grid) - 1)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     print(f"{len(results)} configs in {time.perf_counter() - started:.0f} s; time ratios:")
     print(summary_table(results))
     if args.out:
-        report = {
-            "benchmark": "tree attention over a paged KV cache: Triton kernel vs gather + SDPA",
-            "device": torch.cuda.get_device_name(0)
-            if torch.cuda.is_available()
-            else "cpu (interpreter)",
-            "torch": torch.__version__,
-            "triton": triton.__version__,
-            "cuda": torch.version.cuda,
-            "dtype": "float32" if args.quick else "bfloat16",
-            "block_size": 16,
-            "seed": args.seed,
-            "results": results,
-            "skipped_over_memory": skipped,
-        }
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+        write_report(args, results, skipped, complete=True)
         try:
-            plot(results, os.path.splitext(args.out)[0] + ".png")
+            plot(results, os.path.splitext(args.out)[0] + ".png", device_name())
         except ImportError:
             print("matplotlib is not installed: no plot (redraw later with --replot)")
 
