@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from specserve.tree import TokenTree
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -19,12 +22,19 @@ class DraftRequest:
 
 
 class Drafter(Protocol):
+    needs_target_states: bool  # whether ``observe`` wants the target's hidden states
+
     def propose(self, requests: list[DraftRequest]) -> list[TokenTree]:
         """One tree per request, rooted at its last token, within its budget."""
         ...
 
     def commit(self, seq_id: str, num_committed: int) -> None:
         """The target committed ``num_committed`` tokens of this sequence: roll own state back to them."""
+        ...
+
+    def observe(self, seq_id: str, first_position: int, states: torch.Tensor) -> None:
+        """states [n, hidden]: the target's final-norm hidden states of this sequence's tokens at
+        positions first_position .. + n - 1, just committed (called only if needs_target_states)."""
         ...
 
     def release(self, seq_id: str) -> None:

@@ -10,6 +10,11 @@ Batches draw sequences with probability prompt_weight * rows (uniform weights: e
 equally likely) until ``batch_tokens`` real tokens. AdamW on the draft's own parameters (fp32
 masters; bf16 autocast on CUDA), linear warm-up then cosine decay, gradient clipping.
 
+A feature draft (``feature_draft``) is unrolled ``feature_passes`` depths deep (pass k reads
+pass k - 1's predicted states, ``dense_forward.feature_passes``): the loss is the mean of every
+pass's loss above plus ``feature_weight`` * smooth-L1 between its predicted states and the
+target's, so the draft learns to read its own predictions as it will in a draft tree.
+
 The schedule's progress is max(step / max_steps, elapsed / time_limit_s), so the learning
 rate reaches its floor whichever limit comes first. The weights kept at the end are those of
 the evaluation (every ``eval_every`` steps and the last step) with the best top-1 agreement
@@ -26,9 +31,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from draft_models.dense_forward import causal_hidden, pad_batch
+from draft_models.dense_forward import causal_hidden, feature_passes, pad_batch, pad_states
 from draft_models.distill_data import TeacherSet
 from draft_models.evaluate import draft_ranks
+from draft_models.feature_draft import FeatureDraft
 from draft_models.small_draft import DraftSpec, own_tensors
 from specserve.errors import SpecserveError
 from specserve.models.llama import LlamaForCausalLM
@@ -47,10 +53,12 @@ class TrainConfig:
     ce_weight: float = 0.1
     seed: int = 0
     eval_every: int = 200
+    feature_passes: int = 4  # feature drafts: depths unrolled in training
+    feature_weight: float = 0.5  # feature drafts: weight of the state regression
 
     def __post_init__(self) -> None:
-        if self.max_steps < 1 or self.batch_tokens < 1 or self.eval_every < 1:
-            raise SpecserveError("steps, batch tokens and eval_every must be positive")
+        if self.max_steps < 1 or self.batch_tokens < 1 or self.eval_every < 1 or self.feature_passes < 1:
+            raise SpecserveError("steps, batch tokens, eval_every and feature passes must be positive")
         if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
             raise SpecserveError("lr must be positive and min_lr_ratio within [0, 1]")
 
@@ -151,9 +159,21 @@ def train_draft(
             with torch.no_grad():
                 target_logits = target.model.compute_logits(teacher.hidden[rows])
             with autocast:
-                hidden = causal_hidden(draft, input_ids).flatten(0, 1)[flat.to(device)]
-                draft_logits = draft.compute_logits(hidden)
-            loss = distill_loss(draft_logits, target_logits, teacher.top1[rows], cfg.ce_weight)
+                if isinstance(draft, FeatureDraft):
+                    states = pad_states([teacher.states[s] for s in seqs])
+                    passes = feature_passes(draft, input_ids, states, cfg.feature_passes)
+                else:
+                    passes = [causal_hidden(draft, input_ids)]
+                predicted = [hidden.flatten(0, 1)[flat.to(device)] for hidden in passes]
+            loss = sum(
+                distill_loss(draft.compute_logits(hidden), target_logits, teacher.top1[rows], cfg.ce_weight)
+                for hidden in predicted
+            ) / len(predicted)
+            if isinstance(draft, FeatureDraft) and cfg.feature_weight:
+                target_states = teacher.hidden[rows].float()
+                loss = loss + cfg.feature_weight * sum(
+                    F.smooth_l1_loss(hidden.float(), target_states) for hidden in predicted
+                ) / len(predicted)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(own.values(), cfg.grad_clip)
@@ -181,8 +201,8 @@ def train_draft(
 def _validate(draft, validation: TeacherSet, cfg: TrainConfig, result: TrainResult, best, own):
     if validation.num_seqs == 0 or result.steps == 0:
         return best
-    ranks = draft_ranks(draft, validation, cfg.batch_tokens)
-    agreement = float(torch.cat(ranks).eq(0).float().mean())
+    ranks = draft_ranks(draft, validation, cfg.batch_tokens)  # a feature draft's: every depth's
+    agreement = float(torch.cat([r.flatten() for r in ranks]).eq(0).float().mean())
     result.validation.append((result.steps, round(agreement, 5)))
     if agreement > best[0]:
         result.best_step = result.steps

@@ -185,6 +185,9 @@ class TeacherSet:
     prompt_index: tuple[int, ...]  # per sequence: the prompt it continues
     hidden: torch.Tensor  # [num_rows, hidden_size] the target's final-norm hidden, target dtype
     top1: torch.Tensor  # [num_rows] int64, the target's argmax
+    # per sequence [seq_len, hidden_size]: the target's state at EVERY position (what a feature
+    # draft reads); None unless asked for
+    states: tuple[torch.Tensor, ...] | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -209,7 +212,10 @@ def length_batches(lengths: list[int], max_batch_tokens: int) -> Iterator[list[i
 
 
 @torch.inference_mode()
-def teacher_force(target: LoadedModel, samples: list[Sample], max_batch_tokens: int) -> TeacherSet:
+def teacher_force(
+    target: LoadedModel, samples: list[Sample], max_batch_tokens: int, keep_states: bool = False
+) -> TeacherSet:
+    """The target over every sample; ``keep_states`` also keeps its state at every position."""
     input_ids = tuple(torch.tensor(s.prompt_ids + s.output_ids[:-1], dtype=torch.int64) for s in samples)
     loss_starts = tuple(len(s.prompt_ids) - 1 for s in samples)
     counts = [len(s.output_ids) for s in samples]
@@ -218,10 +224,14 @@ def teacher_force(target: LoadedModel, samples: list[Sample], max_batch_tokens: 
         cu_rows.append(cu_rows[-1] + count)
     hidden = torch.empty(cu_rows[-1], target.arch.hidden_size, dtype=target.dtype, device=target.device)
     top1 = torch.empty(cu_rows[-1], dtype=torch.int64, device=target.device)
+    states: list[torch.Tensor | None] = [None] * len(samples)
     for group in length_batches([len(x) for x in input_ids], max_batch_tokens):
         batch_hidden = causal_hidden(target.model, pad_batch([input_ids[i] for i in group], target.device))
         for row, i in enumerate(group):
+            if keep_states:
+                states[i] = batch_hidden[row, : len(input_ids[i])].clone()
             rows = batch_hidden[row, loss_starts[i] : loss_starts[i] + counts[i]]
             hidden[cu_rows[i] : cu_rows[i + 1]] = rows
             top1[cu_rows[i] : cu_rows[i + 1]] = target.model.compute_logits(rows).argmax(-1)
-    return TeacherSet(input_ids, loss_starts, tuple(cu_rows), tuple(s.prompt_index for s in samples), hidden, top1)
+    return TeacherSet(input_ids, loss_starts, tuple(cu_rows), tuple(s.prompt_index for s in samples), hidden, top1,
+                      tuple(states) if keep_states else None)

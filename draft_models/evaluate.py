@@ -10,6 +10,11 @@ prefix, so
 - a full static tree with widths (w_1, .., w_D) accepts depth t iff rank < w_t there.
 
 The first output token comes from prefill, so steps start at output token 1, as in the engine.
+
+A feature draft (``feature_draft``) reads its parent's predicted state, so its rank depends on
+the node's depth: its ranks come per depth (``feature_passes``, pass d for depth d), and a
+node at depth d on the target's path is judged by depth d's rank, which keeps the simulation
+exact for it too. A token-level draft's rank is the same at every depth.
 """
 
 from __future__ import annotations
@@ -19,8 +24,9 @@ from typing import Any
 
 import torch
 
-from draft_models.dense_forward import causal_hidden, pad_batch
+from draft_models.dense_forward import causal_hidden, feature_passes, pad_batch, pad_states
 from draft_models.distill_data import TeacherSet, length_batches
+from draft_models.feature_draft import FeatureDraft
 from specserve.models.llama import LlamaForCausalLM
 
 CHAIN_DEPTHS = (1, 2, 4, 6, 8)
@@ -28,55 +34,84 @@ TREE_WIDTHS = (4, 2, 1, 1, 1, 1, 1, 1)  # a full static tree of 60 draft nodes, 
 
 
 @torch.inference_mode()
-def draft_ranks(draft: LlamaForCausalLM, teacher: TeacherSet, batch_tokens: int) -> list[torch.Tensor]:
-    """Per sequence [rows] int64 (CPU): the rank of the target's top-1 in the draft's logits."""
+def draft_ranks(
+    draft: LlamaForCausalLM, teacher: TeacherSet, batch_tokens: int, num_depths: int = len(TREE_WIDTHS)
+) -> list[torch.Tensor]:
+    """Per sequence the rank of the target's top-1 in the draft's logits (CPU, int64): [rows]
+    for a token-level draft; [num_depths, rows] for a feature draft (row d: a node at depth
+    d + 1; needs ``teacher.states``)."""
     device = draft.embed_tokens.weight.device
     embed_dtype = draft.embed_tokens.weight.dtype
     mixed = device.type == "cuda" and embed_dtype != torch.float32
     autocast = torch.autocast("cuda", dtype=embed_dtype) if mixed else contextlib.nullcontext()
+    feature = isinstance(draft, FeatureDraft)
+    if feature and teacher.states is None:
+        raise ValueError("a feature draft's ranks need the target's states (teacher_force keep_states)")
     ranks: list[torch.Tensor] = [torch.empty(0, dtype=torch.int64)] * teacher.num_seqs
     for group in length_batches([len(x) for x in teacher.input_ids], batch_tokens):
+        input_ids = pad_batch([teacher.input_ids[s] for s in group], device)
         with autocast:
-            hidden = causal_hidden(draft, pad_batch([teacher.input_ids[s] for s in group], device))
+            if feature:
+                passes = feature_passes(draft, input_ids, pad_states([teacher.states[s] for s in group]), num_depths)
+            else:
+                passes = [causal_hidden(draft, input_ids)]
         for row, s in enumerate(group):
-            start = teacher.loss_starts[s]
-            with autocast:
-                logits = draft.compute_logits(hidden[row, start : start + teacher.rows_of(s)])
-            top1 = teacher.top1[teacher.cu_rows[s] : teacher.cu_rows[s + 1]]
-            chosen = logits.gather(1, top1[:, None])
-            ranks[s] = (logits > chosen).sum(-1).cpu()
+            start, top1 = teacher.loss_starts[s], teacher.top1[teacher.cu_rows[s] : teacher.cu_rows[s + 1]]
+            per_depth = []
+            for hidden in passes:
+                with autocast:
+                    logits = draft.compute_logits(hidden[row, start : start + teacher.rows_of(s)])
+                per_depth.append((logits > logits.gather(1, top1[:, None])).sum(-1).cpu())
+            ranks[s] = torch.stack(per_depth) if feature else per_depth[0]
     return ranks
 
 
-def accepted_run(ranks: list[int], start: int, widths: tuple[int, ...]) -> int:
-    """Drafts accepted in one step beginning at output token ``start`` (widths[t]: depth t+1's width)."""
-    limit = min(len(widths), len(ranks) - start - 1)  # the last token is always the bonus
+Ranks = list[int] | list[list[int]]  # one sequence: per row, or per depth then per row
+
+
+def _by_depth(ranks: Ranks) -> list[list[int]]:
+    return ranks if ranks and isinstance(ranks[0], list) else [ranks]
+
+
+def accepted_run(ranks: Ranks, start: int, widths: tuple[int, ...]) -> int:
+    """Drafts accepted in one step beginning at output token ``start`` (widths[t]: depth t+1's
+    width; per-depth ranks: depth t+1 reads ranks[t], the deepest given beyond)."""
+    depths = _by_depth(ranks)
+    limit = min(len(widths), len(depths[0]) - start - 1)  # the last token is always the bonus
     accepted = 0
-    while accepted < limit and ranks[start + accepted] < widths[accepted]:
+    while accepted < limit and depths[min(accepted, len(depths) - 1)][start + accepted] < widths[accepted]:
         accepted += 1
     return accepted
 
 
-def simulated_steps(ranks: list[int], widths: tuple[int, ...]) -> int:
-    """Target steps to produce output tokens 1 .. len(ranks) - 1 with this tree."""
+def simulated_steps(ranks: Ranks, widths: tuple[int, ...]) -> int:
+    """Target steps to produce output tokens 1 .. num_rows - 1 with this tree."""
+    num_rows = len(_by_depth(ranks)[0])
     position, steps = 1, 0
-    while position < len(ranks):
+    while position < num_rows:
         position += accepted_run(ranks, position, widths) + 1
         steps += 1
     return steps
 
 
-def mean_accepted_length(rank_seqs: list[list[int]], widths: tuple[int, ...]) -> float:
+def mean_accepted_length(rank_seqs: list[Ranks], widths: tuple[int, ...]) -> float:
     """Tokens committed per target step over all sequences (the engine's mean accepted length)."""
-    tokens = sum(len(r) - 1 for r in rank_seqs if len(r) > 1)
-    steps = sum(simulated_steps(r, widths) for r in rank_seqs if len(r) > 1)
+    lengths = [len(_by_depth(r)[0]) for r in rank_seqs]
+    tokens = sum(n - 1 for n in lengths if n > 1)
+    steps = sum(simulated_steps(r, widths) for r, n in zip(rank_seqs, lengths) if n > 1)
     return tokens / steps if steps else 0.0
 
 
 def heldout_metrics(ranks: list[torch.Tensor]) -> dict[str, Any]:
-    flat = torch.cat(ranks) if ranks else torch.empty(0, dtype=torch.int64)
+    """Agreement and simulated acceptance from ``draft_ranks`` (top-k agreement: depth 1)."""
+    per_depth = bool(ranks) and ranks[0].dim() == 2
+    flat = torch.cat([r[0] if per_depth else r for r in ranks]) if ranks else torch.empty(0, dtype=torch.int64)
     seqs = [r.tolist() for r in ranks]
-    return {
+    extra = {}
+    if per_depth:
+        by_depth = torch.cat(ranks, dim=1)
+        extra["top1_agreement_by_depth"] = [round(float(d.eq(0).float().mean()), 4) for d in by_depth]
+    return {**extra,
         "num_sequences": len(ranks),
         "num_rows": int(flat.numel()),
         "top1_agreement": round(float(flat.eq(0).float().mean()), 4) if flat.numel() else 0.0,

@@ -41,6 +41,8 @@ def top_candidates(logits: torch.Tensor, k: int) -> list[Candidates]:
 
 
 class ModelDrafter:
+    needs_target_states = False
+
     def __init__(
         self,
         model: LlamaForCausalLM,
@@ -115,7 +117,7 @@ class ModelDrafter:
         for chain in chains:
             row += chain.num_nodes
             rows.append(row - 1)
-        logits, _ = self.runner.run(items, rows)
+        logits = self._score_chains(items, rows)
         builder = self._builder(requests)
         candidates = top_candidates(logits, self.num_candidates)
         root_prefix = [len(r.token_ids) - 1 for r in requests]
@@ -126,7 +128,7 @@ class ModelDrafter:
         # levels 1..: run root-to-frontier paths, extend by the frontier's candidates
         while any(builder.frontier()):
             active = [s for s, nodes in enumerate(builder.frontier()) if nodes]
-            items, rows, row, per_seq_rows = [], [], 0, []
+            items, rows, row, per_seq_rows, needed_nodes = [], [], 0, [], []
             for s in active:
                 needed = builder.needed_nodes(s)
                 tree = builder.tree_of(s, needed)
@@ -135,8 +137,9 @@ class ModelDrafter:
                 frontier_rows = [row + position[node] for node in builder.frontier()[s]]
                 rows += frontier_rows
                 per_seq_rows.append(len(frontier_rows))
+                needed_nodes.append(needed)
                 row += tree.num_nodes
-            logits, _ = self.runner.run(items, rows)
+            logits = self._score_level(items, rows, needed_nodes, [builder.frontier()[s] for s in active])
             flat = top_candidates(logits, self.num_candidates)
             per_seq: list[list[Candidates]] = [[] for _ in requests]
             start = 0
@@ -149,8 +152,23 @@ class ModelDrafter:
         counts = self.select_counts(builder.path_probs(), time.perf_counter() - propose_start)
         return builder.trees([min(c, r.max_tree_tokens) for c, r in zip(counts, requests)])
 
+    def _score_chains(self, items: list[TreeBatchItem], rows: list[int]) -> torch.Tensor:
+        """Logits [len(rows), vocab] of the catch-up chains (each ends with its tree's root)."""
+        return self.runner.run(items, rows)[0]
+
+    def _score_level(
+        self, items: list[TreeBatchItem], rows: list[int], needed: list[list[int]], frontier: list[list[int]]
+    ) -> torch.Tensor:
+        """Logits [len(rows), vocab] of one level's frontier nodes. items[i] is the tree of the
+        builder nodes ``needed[i]`` (in that order) of one sequence; ``rows`` are the rows of
+        ``frontier[i]``, sequence by sequence."""
+        return self.runner.run(items, rows)[0]
+
     def commit(self, seq_id: str, num_committed: int) -> None:
         """Nothing to move: the next ``propose`` trims to the root and recomputes accepted tokens."""
+        return None
+
+    def observe(self, seq_id: str, first_position: int, states: torch.Tensor) -> None:
         return None
 
     def release(self, seq_id: str) -> None:

@@ -14,6 +14,8 @@ from specserve.tree.builders import tree_from_paths_within_budget
 
 
 class NgramDrafter:
+    needs_target_states = False
+
     def __init__(self, ngram_max: int = 4, ngram_min: int = 1, max_paths: int = 4) -> None:
         if not 1 <= ngram_min <= ngram_max:
             raise ValueError("ngram sizes need 1 <= ngram_min <= ngram_max")
@@ -51,6 +53,9 @@ class NgramDrafter:
         return trees
 
     def commit(self, seq_id: str, num_committed: int) -> None:
+        return None
+
+    def observe(self, seq_id: str, first_position: int, states) -> None:
         return None
 
     def release(self, seq_id: str) -> None:

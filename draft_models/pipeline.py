@@ -10,7 +10,9 @@
     teacher   one batched forward of the target over prompt + continuation: its final hidden
               state and argmax at every generated position.
     train     draft k: KL(target || draft) + CE on the target's argmax (draft_models/distill.py),
-              on prompts reweighted by collective boost-tuning for k > 1 (draft_models/boost.py).
+              on prompts reweighted by collective boost-tuning for k > 1 (draft_models/boost.py);
+              a feature draft (``--feature``) also reads the target's states, unrolled over
+              several depths.
     evaluate  teacher-forced agreement, simulated chain/tree acceptance and the engine's real
               mean accepted length on the held-out prompts; weights + manifest per draft.
 
@@ -150,9 +152,10 @@ def run(cfg: RunConfig, loaded: LoadedModel | None = None) -> list[dict[str, Any
     if not train_set:
         raise SpecserveError("no training continuations were generated: raise --gen-budget-min")
     tf_start = time.perf_counter()
-    teacher = teacher_force(target, train_set, cfg.teacher_batch_tokens)
-    validation = teacher_force(target, val_set, cfg.teacher_batch_tokens)
-    heldout = teacher_force(target, heldout_set, cfg.teacher_batch_tokens)
+    keep = cfg.spec.feature_input  # a feature draft reads the target's state at every position
+    teacher = teacher_force(target, train_set, cfg.teacher_batch_tokens, keep)
+    validation = teacher_force(target, val_set, cfg.teacher_batch_tokens, keep)
+    heldout = teacher_force(target, heldout_set, cfg.teacher_batch_tokens, keep)
     teacher_s = time.perf_counter() - tf_start
     _log(f"teacher forcing: {teacher.cu_rows[-1]} train rows, {validation.cu_rows[-1]} validation rows, "
          f"{heldout.cu_rows[-1]} held-out rows in {teacher_s:.1f}s")

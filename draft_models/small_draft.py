@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from draft_models.feature_draft import FeatureDraft
 from specserve.errors import ModelLoadError, SpecserveError
 from specserve.models.config import LlamaArchConfig, RopeScaling
 from specserve.models.llama import LlamaForCausalLM
@@ -43,6 +44,8 @@ class DraftSpec:
     init_from_target_layers: draft layer i starts as a copy of target layer
     ``init_from_target_layers[i]`` (one entry per draft layer, target-sized layers only);
     empty: random initialisation.
+    feature_input: a feature-level draft (``draft_models.feature_draft``): each token also reads
+    the target's hidden state (needs the target's hidden size and a shared embedding).
     """
 
     num_layers: int = 2
@@ -53,6 +56,7 @@ class DraftSpec:
     head_dim: int | None = None
     shares_embedding: bool = True
     init_from_target_layers: tuple[int, ...] = ()
+    feature_input: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "init_from_target_layers", tuple(self.init_from_target_layers))
@@ -61,6 +65,11 @@ class DraftSpec:
         sizes = (self.hidden_size, self.intermediate_size, self.num_heads, self.num_kv_heads, self.head_dim)
         if any(size is not None and size < 1 for size in sizes):
             raise SpecserveError("draft sizes must be positive (or left out to take the target's)")
+        if self.feature_input and (self.hidden_size is not None or not self.shares_embedding):
+            raise SpecserveError(
+                "a feature draft reads the target's hidden states through the target's embedding "
+                "and head: leave hidden_size out and share the embedding"
+            )
         if self.init_from_target_layers and len(self.init_from_target_layers) != self.num_layers:
             raise SpecserveError(
                 f"init_from_target_layers names {len(self.init_from_target_layers)} layers for a "
@@ -104,7 +113,8 @@ def _layer_shape(arch: LlamaArchConfig) -> tuple[int, ...]:
 def _assemble(arch: LlamaArchConfig, spec: DraftSpec, target: LoadedModel) -> LlamaForCausalLM:
     """An uninitialised draft on the target's device, dtype and attention backend, sharing its
     embedding (and untied head) Parameters when the spec says so."""
-    draft = empty_model(arch, target.device, target.dtype, target.model.attention.name)
+    model_class = FeatureDraft if spec.feature_input else LlamaForCausalLM
+    draft = empty_model(arch, target.device, target.dtype, target.model.attention.name, model_class)
     if spec.shares_embedding:
         draft.embed_tokens.weight = target.model.embed_tokens.weight
         if target.model.lm_head is not None:
@@ -121,7 +131,9 @@ def own_tensors(draft: LlamaForCausalLM, spec: DraftSpec) -> dict[str, torch.Ten
 @torch.no_grad()
 def build_draft_model(spec: DraftSpec, target: LoadedModel, seed: int = 0) -> LlamaForCausalLM:
     """A new draft for ``target``: layers copied from the chosen target layers or random
-    (normal 0.02, seeded), its own final norm (a copy of the target's when sizes agree)."""
+    (normal 0.02, seeded), its own final norm (a copy of the target's when sizes agree). A
+    feature draft's ``fc`` starts as [identity | 0] (it first reads the token alone, as a
+    token-level draft does) plus that noise on the state half."""
     arch = spec.arch_for(target.arch)
     draft = _assemble(arch, spec, target)
     generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -134,6 +146,10 @@ def build_draft_model(spec: DraftSpec, target: LoadedModel, seed: int = 0) -> Ll
         layer.load_state_dict(target.model.layers[index].state_dict())
     if arch.hidden_size == target.arch.hidden_size:
         draft.norm.weight.copy_(target.model.norm.weight)
+    if spec.feature_input:
+        hidden = arch.hidden_size
+        draft.fc.weight[:, :hidden].copy_(torch.eye(hidden))
+        draft.fc.bias.zero_()
     return draft
 
 

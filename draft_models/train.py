@@ -3,6 +3,7 @@ for the steps and draft_models/README.md for the GPU recipe).
 
     python -m draft_models.train --num-drafts 3                # GPU: generate, train, evaluate
     python -m draft_models.train --device cpu --tiny --out-dir /tmp/drafts   # < 60 s smoke run
+    python -m draft_models.train --feature --num-layers 1 --init-layers 0 --name smollm2-feature
 """
 
 from __future__ import annotations
@@ -58,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--intermediate-size", type=int, default=None)
     p.add_argument("--init-layers", default="0,1", help="target layers to start from, e.g. 0,1, or 'none'")
     p.add_argument("--no-share-embedding", action="store_true")
+    p.add_argument("--feature", action="store_true",
+                   help="a feature-level (EAGLE-style) draft that also reads the target's hidden states")
+    p.add_argument("--feature-passes", type=int, default=t.feature_passes,
+                   help="feature drafts: draft depths unrolled in training")
+    p.add_argument("--feature-weight", type=float, default=t.feature_weight,
+                   help="feature drafts: weight of the hidden-state regression")
     p.add_argument("--hidden-size", type=int, default=None, help="only without a shared embedding")
     p.add_argument("--steps", type=int, default=t.max_steps, help="max steps per draft (time may stop it sooner)")
     p.add_argument("--batch-tokens", type=int, default=t.batch_tokens)
@@ -83,10 +90,12 @@ def config_from_args(argv: list[str]) -> RunConfig:
     args = parser.parse_args(argv)
     init = () if args.init_layers in ("", "none") else tuple(int(x) for x in args.init_layers.split(","))
     spec = DraftSpec(num_layers=args.num_layers, hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
-                     shares_embedding=not args.no_share_embedding, init_from_target_layers=init)
+                     shares_embedding=not args.no_share_embedding, init_from_target_layers=init,
+                     feature_input=args.feature)
     train = TrainConfig(max_steps=args.steps, batch_tokens=args.batch_tokens, lr=args.lr,
                         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
-                        ce_weight=args.ce_weight, seed=args.seed, eval_every=args.eval_every)
+                        ce_weight=args.ce_weight, seed=args.seed, eval_every=args.eval_every,
+                        feature_passes=args.feature_passes, feature_weight=args.feature_weight)
     engine_eval = None if args.no_engine_eval else (
         SpeculativeConfig.parse(args.eval_speculative) if args.eval_speculative else EVAL_TREE
     )

@@ -54,8 +54,9 @@ TOKEN_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 TOKEN_FIELDS = ("input_ids", "positions", "slot_mapping", "tree_parents", "logit_indices")
 ROW_FIELDS = ("prefix_lens", "tree_lens")
 
-# forward(input_ids [T] int64, positions [T] int64, meta, logit_indices [T] int64) -> [T, vocab]
-Forward = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor], torch.Tensor]
+# forward(input_ids [T] int64, positions [T] int64, meta, logit_indices [T] int64)
+#     -> (logits [T, vocab], hidden [T, hidden_size])
+Forward = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -217,7 +218,8 @@ class GraphRunner:
         self.copied = torch.cuda.Event() if device.type == "cuda" else None
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
         self.logits: torch.Tensor | None = None  # [T_max, vocab] float32, the graphs' shared output
-        self.forwards: dict[tuple[int, int], Callable[[], torch.Tensor]] = {}
+        self.hidden: torch.Tensor | None = None  # [T_max, hidden_size], likewise
+        self.forwards: dict[tuple[int, int], Callable[[], tuple[torch.Tensor, torch.Tensor]]] = {}
 
     @property
     def num_captured(self) -> int:
@@ -231,9 +233,12 @@ class GraphRunner:
         num_blocks = max(-(-(item.prefix_len + item.tree.num_nodes) // block_size) for item in items)
         return self.buckets.bucket(len(items), num_tokens, num_blocks)
 
-    def run(self, items: list[TreeBatchItem], logit_rows: list[int]) -> tuple[torch.Tensor, list[int]]:
-        """Logits [len(logit_rows), vocab] float32 (a fresh tensor) and cu_tree_lens; ``items``
-        must fit a bucket (``bucket_for``)."""
+    def run(
+        self, items: list[TreeBatchItem], logit_rows: list[int], return_hidden: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits [len(logit_rows), vocab] float32 and, with ``return_hidden``, the hidden states
+        [real tokens, hidden_size] (fresh tensors; else None); ``items`` must fit a bucket
+        (``bucket_for``)."""
         bucket = self.bucket_for(items)
         if bucket is None:
             raise ValueError("this step fits no bucket: run it eagerly")
@@ -249,10 +254,11 @@ class GraphRunner:
         if forward is None:
             forward = self._capture(bucket) if self.capture else self._padded_forward(bucket)
             self.forwards[bucket] = forward
-        return forward()[: len(logit_rows)].clone(), cu_tree_lens
+        logits, hidden = forward()
+        return logits[: len(logit_rows)].clone(), hidden[: cu_tree_lens[-1]].clone() if return_hidden else None
 
-    def _padded_forward(self, bucket: tuple[int, int]) -> Callable[[], torch.Tensor]:
-        """The forward over the static buffers' bucket views: logits [T, vocab]."""
+    def _padded_forward(self, bucket: tuple[int, int]) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+        """The forward over the static buffers' bucket views: logits [T, vocab], hidden [T, hidden_size]."""
         views = self.layout.views(self.static, *bucket)
 
         def forward() -> torch.Tensor:
@@ -268,25 +274,30 @@ class GraphRunner:
 
         return forward
 
-    def _capture(self, bucket: tuple[int, int]) -> Callable[[], torch.Tensor]:
-        """Warm up, capture, and return the replay; every graph writes its logits into the one
-        static ``self.logits`` [T_max, vocab], so no graph keeps an output of its own alive."""
+    def _capture(self, bucket: tuple[int, int]) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+        """Warm up, capture, and return the replay; every graph writes its logits and hidden
+        states into the one static ``self.logits`` [T_max, vocab] and ``self.hidden``
+        [T_max, hidden_size], so no graph keeps an output of its own alive."""
         forward = self._padded_forward(bucket)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            warm = forward()  # this step's inputs: compiles, and writes the K/V the replay rewrites
+            warm_logits, warm_hidden = forward()  # compiles, and writes the K/V the replay rewrites
         torch.cuda.current_stream(self.device).wait_stream(side)
         if self.logits is None:
-            self.logits = torch.empty(self.layout.max_num_tokens, warm.shape[1], dtype=warm.dtype, device=self.device)
-        del warm
-        logits = self.logits[: bucket[1]]
+            size = self.layout.max_num_tokens
+            self.logits = torch.empty(size, warm_logits.shape[1], dtype=warm_logits.dtype, device=self.device)
+            self.hidden = torch.empty(size, warm_hidden.shape[1], dtype=warm_hidden.dtype, device=self.device)
+        del warm_logits, warm_hidden
+        logits, hidden = self.logits[: bucket[1]], self.hidden[: bucket[1]]
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            logits.copy_(forward())
+            out_logits, out_hidden = forward()
+            logits.copy_(out_logits)
+            hidden.copy_(out_hidden)
 
-        def replay() -> torch.Tensor:
+        def replay() -> tuple[torch.Tensor, torch.Tensor]:
             graph.replay()
-            return logits
+            return logits, hidden
 
         return replay

@@ -23,6 +23,7 @@ class MergedDrafter:
             raise ValueError("one name per merged drafter")
         self.drafters = drafters
         self.names = names
+        self.needs_target_states = any(d.needs_target_states for d in drafters)
 
     def propose(self, requests: list[DraftRequest]) -> list[TokenTree]:
         proposals = [
@@ -38,6 +39,11 @@ class MergedDrafter:
     def commit(self, seq_id: str, num_committed: int) -> None:
         for drafter in self.drafters:
             drafter.commit(seq_id, num_committed)
+
+    def observe(self, seq_id: str, first_position: int, states) -> None:
+        for drafter in self.drafters:
+            if drafter.needs_target_states:
+                drafter.observe(seq_id, first_position, states)
 
     def release(self, seq_id: str) -> None:
         for drafter in self.drafters:
@@ -91,9 +97,14 @@ def make_drafter(
         return ModelDrafter(loaded.model, cfg.num_layers, cfg, draft_blocks, block_size, select_counts,
                             graph_buckets)
     if cfg.method == "draft":
+        from draft_models.feature_draft import FeatureDraft
         from draft_models.small_draft import load_draft
 
         draft = load_draft(cfg.draft_model, loaded)
+        if isinstance(draft, FeatureDraft):
+            from draft_models.feature_drafter import FeatureDrafter
+
+            return FeatureDrafter(draft, cfg, draft_blocks, block_size, select_counts)
         return ModelDrafter(draft, draft.cfg.num_layers, cfg, draft_blocks, block_size, select_counts,
                             graph_buckets)
     raise SpecserveError(f"speculative method {cfg.method!r} is not available")

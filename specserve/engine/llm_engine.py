@@ -249,7 +249,14 @@ class LLMEngine:
             else:
                 middle_chunks.append(s)
         logit_rows += list(range(row, row + sum(t.num_nodes for t in trees)))
-        logits, _ = self.runner.run(items, logit_rows)
+        wants_states = self.drafter is not None and self.drafter.needs_target_states
+        logits, hidden = self.runner.run(items, logit_rows, return_hidden=wants_states)
+        item_starts = [0]  # first row of each item
+        for item in items:
+            item_starts.append(item_starts[-1] + item.tree.num_nodes)
+        if wants_states:  # a prefill chunk's K/V are all committed: so are its states
+            for i, s in enumerate(prefills):
+                self.drafter.observe(s.seq.request_id, items[i].prefix_len, hidden[item_starts[i] : item_starts[i + 1]])
         for s in middle_chunks:  # nothing to sample yet: the chunk's K/V are simply committed
             s.seq.num_computed += s.num_slots
             self.kv_manager.register_committed(s.seq.request_id, s.seq.token_ids, s.seq.num_computed)
@@ -291,6 +298,9 @@ class LLMEngine:
             commit(self.kv_manager, self.kv_cache, seq, prefix_len, result.accepted_nodes)
             if self.drafter is not None:
                 self.drafter.commit(seq.request_id, seq.num_computed)
+            if wants_states and i >= len(prefill_seqs):  # the accepted path's states, in order
+                first_row = item_starts[len(prefills) + i - len(prefill_seqs)]
+                self.drafter.observe(seq.request_id, prefix_len, hidden[[first_row + n for n in result.accepted_nodes]])
             outputs.append(self._output(seq, new_tokens, text_ends))
         self.last_step = StepStats(
             num_seqs=len(items),

@@ -96,19 +96,25 @@ class ModelRunner:
 
     def logits(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, logit_indices: torch.Tensor
-    ) -> torch.Tensor:
-        """The forward: logits [len(logit_indices), vocab] float32 of the given rows."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The forward: logits [len(logit_indices), vocab] float32 of the given rows, and the
+        final-norm hidden states [num_tokens, hidden_size] of every row."""
         hidden = self.model(input_ids, positions, self.kv_cache.kv, meta, self.num_layers)
-        return self.model.compute_logits(hidden.index_select(0, logit_indices))
+        return self.model.compute_logits(hidden.index_select(0, logit_indices)), hidden
 
     @torch.inference_mode()
-    def run(self, items: list[TreeBatchItem], logit_rows: list[int]) -> tuple[torch.Tensor, list[int]]:
-        """Forward every tree; logits [len(logit_rows), vocab] float32 of the given rows, and cu_tree_lens."""
+    def run(
+        self, items: list[TreeBatchItem], logit_rows: list[int], return_hidden: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Forward every tree: logits [len(logit_rows), vocab] float32 of the given rows, and with
+        ``return_hidden`` the final-norm hidden states [num_tokens, hidden_size] of every tree
+        row (trees in order; None otherwise)."""
         if self.graphs is not None and self.graphs.bucket_for(items) is not None:
-            return self.graphs.run(items, logit_rows)
+            return self.graphs.run(items, logit_rows, return_hidden)
         inputs = build_inputs(items, self.kv_manager, self.device, self.model.attention.needs_dense_plan)
         rows = torch.tensor(logit_rows, dtype=torch.int64).to(self.device, non_blocking=True)
-        return self.logits(inputs.input_ids, inputs.positions, inputs.meta, rows), inputs.cu_tree_lens
+        logits, hidden = self.logits(inputs.input_ids, inputs.positions, inputs.meta, rows)
+        return logits, hidden if return_hidden else None
 
 
 @torch.inference_mode()

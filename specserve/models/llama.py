@@ -119,7 +119,17 @@ class LlamaForCausalLM(nn.Module):
         ``num_layers`` < cfg.num_layers runs only the first layers (the early-exit drafter);
         kv_caches then needs only that many layers.
         """
-        hidden = self.embed_tokens(input_ids)
+        return self.run_layers(self.embed_tokens(input_ids), positions, kv_caches, meta, num_layers)
+
+    def run_layers(
+        self,
+        hidden: torch.Tensor,  # [num_tokens, hidden_size] the first layer's input
+        positions: torch.Tensor,  # [num_tokens] int64
+        kv_caches: torch.Tensor,  # [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
+        meta: AttentionMetadata,
+        num_layers: int | None = None,
+    ) -> torch.Tensor:
+        """The decoder layers (the first ``num_layers``) and the final norm: [num_tokens, hidden_size]."""
         cos_sin = self.cos_sin[positions]
         for layer, kv_cache in zip(self.layer_sequence(num_layers or self.cfg.num_layers), kv_caches):
             hidden = layer(hidden, cos_sin, kv_cache, meta, self.attention)

@@ -116,11 +116,13 @@ def select_backend_name(name: str, device: torch.device) -> str:
 
 
 def empty_model(
-    cfg: LlamaArchConfig, device: torch.device, dtype: torch.dtype, attention_backend: str = "auto"
+    cfg: LlamaArchConfig, device: torch.device, dtype: torch.dtype, attention_backend: str = "auto",
+    model_class: type[LlamaForCausalLM] = LlamaForCausalLM,
 ) -> LlamaForCausalLM:
-    """Uninitialised parameters on ``device`` (no time spent on random init); RoPE table filled."""
+    """Uninitialised parameters on ``device`` (no time spent on random init); RoPE table filled.
+    ``model_class``: LlamaForCausalLM or a subclass of the same constructor (a feature draft)."""
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg, select_attention_backend(device, attention_backend))
+        model = model_class(cfg, select_attention_backend(device, attention_backend))
     model = model.to(dtype).to_empty(device=device)
     model.cos_sin = rope_cos_sin(
         cfg.max_position_embeddings, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling

@@ -61,3 +61,22 @@ def test_saved_tiny_draft_loads_and_samples_are_reused(tiny_run, smollm, monkeyp
 
     monkeypatch.setattr(pipeline, "generate_samples", must_not_generate)
     assert pipeline.run(replace(cfg, stage="generate"), loaded=smollm) == []
+
+
+def test_tiny_feature_draft_run(tiny_run, smollm):
+    """--feature: a feature draft trained unrolled (reusing the tiny run's continuations); its
+    held-out figures come per depth and the engine runs it with greedy output unchanged."""
+    _, _, folder = tiny_run
+    argv = ["--device", "cpu", "--tiny", "--feature", "--feature-passes", "2", "--name", "tiny-feature",
+            "--out-dir", str(folder), "--samples", str(folder / "samples.jsonl")]
+    cfg = config_from_args(argv)
+    assert cfg.spec.feature_input and cfg.train.feature_passes == 2
+    (manifest,) = run(cfg, loaded=smollm)
+    assert manifest["data"]["samples"]["reused_from_cache"] is True
+    training = manifest["training"]
+    assert training["final_loss"] < training["first_loss"] and training["feature_passes"] == 2
+    heldout = manifest["heldout"]
+    assert len(heldout["top1_agreement_by_depth"]) == 8
+    assert heldout["top1_agreement"] == heldout["top1_agreement_by_depth"][0]
+    assert heldout["engine"]["status"] == "measured" and heldout["engine"]["identical_to_greedy"] == 2
+    assert type(load_draft(folder / "tiny-feature-1", smollm)).__name__ == "FeatureDraft"

@@ -1,0 +1,115 @@
+"""The drafter of a feature-level draft (``feature_draft``): a ``ModelDrafter`` whose draft model
+also reads the target's hidden states.
+
+The engine hands over the target's final-norm hidden state of every token it commits
+(``observe``); position p's state h_p is read by the draft at position p + 1. Per ``propose``:
+
+1. catch up: the chain of tokens committed since the last call, ending with the root, reads
+   the target's real states h_{p-1}; the root's predicted state f_root gives the first
+   candidates;
+2. every level runs the root-to-frontier paths again, node u reading its parent's predicted
+   state (the root reading h_{root-1}), and keeps the frontier's predicted states for the
+   level after.
+
+Invariant: ``states[seq]`` holds the target states observed for positions from
+``num_cached[seq] - 1`` on (what the next catch-up reads). A position the target never
+computed for this sequence (a prefix taken from the prefix cache, or position -1) reads zeros.
+Draft-side K/V follow ``ModelDrafter``'s rollback (trim to the root, recompute the accepted).
+Always eager: the draft's extra float input has no place in the CUDA-graph buffers yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from draft_models.feature_draft import FeatureDraft
+from draft_models.model_drafter import ModelDrafter
+from specserve.config import SpeculativeConfig
+from specserve.engine.model_runner import TreeBatchItem, build_inputs
+
+
+class FeatureDrafter(ModelDrafter):
+    needs_target_states = True
+
+    def __init__(
+        self,
+        model: FeatureDraft,
+        config: SpeculativeConfig,
+        num_blocks: int,
+        block_size: int,
+        select_counts: Callable[[list[list[float]], float], list[int]] | None = None,
+    ) -> None:
+        super().__init__(model, model.cfg.num_layers, config, num_blocks, block_size, select_counts, None)
+        self.model = model
+        self.states: dict[str, tuple[int, torch.Tensor]] = {}  # seq -> (first position, [n, hidden])
+        # within one propose: per sequence, the read of its root and the predicted state of every
+        # builder node scored so far
+        self._root_reads: dict[str, torch.Tensor] = {}  # [hidden]
+        self._predicted: dict[str, dict[int, torch.Tensor]] = {}  # node -> [hidden]
+
+    def observe(self, seq_id: str, first_position: int, states: torch.Tensor) -> None:
+        """states [n, hidden]: the target's states at positions first_position .. + n - 1 (which
+        replace any kept for those positions and later)."""
+        kept = self.states.get(seq_id)
+        if kept is not None and kept[0] <= first_position:
+            start, old = kept
+            gap = first_position - (start + len(old))
+            if gap > 0:
+                old = torch.cat([old, old.new_zeros(gap, old.shape[1])])
+            states = torch.cat([old[: first_position - start], states.to(old.dtype)])
+            first_position = start
+        self.states[seq_id] = (first_position, states)
+
+    def _reads(self, seq_id: str, first_position: int, count: int) -> torch.Tensor:
+        """[count, hidden]: the target's states at first_position .. + count - 1 (zeros where none)."""
+        hidden = self.model.cfg.hidden_size
+        out = self.kv_cache.kv.new_zeros(count, hidden)
+        kept = self.states.get(seq_id)
+        if kept is not None:
+            start, states = kept
+            lo, hi = max(first_position, start), min(first_position + count, start + len(states))
+            if lo < hi:
+                out[lo - first_position : hi - first_position] = states[lo - start : hi - start]
+        return out
+
+    def _states(self, items: list[TreeBatchItem], reads: torch.Tensor) -> torch.Tensor:
+        """The draft's predicted states [num_tokens, hidden] of every row of ``items``."""
+        inputs = build_inputs(items, self.kv_manager, self.runner.device, self.model.attention.needs_dense_plan)
+        with torch.inference_mode():
+            return self.model(inputs.input_ids, inputs.positions, self.kv_cache.kv, inputs.meta, features=reads)
+
+    def _score_chains(self, items: list[TreeBatchItem], rows: list[int]) -> torch.Tensor:
+        self._root_reads, self._predicted = {}, {}
+        reads = [self._reads(item.seq_id, item.prefix_len - 1, item.tree.num_nodes) for item in items]
+        states = self._states(items, torch.cat(reads))
+        for item, read, row in zip(items, reads, rows):
+            self._root_reads[item.seq_id] = read[-1]
+            self._predicted[item.seq_id] = {0: states[row]}
+            root = item.prefix_len + item.tree.num_nodes - 1
+            kept = self.states.get(item.seq_id)
+            if kept is not None and kept[0] < root:  # the next catch-up reads from the root's state on
+                self.states[item.seq_id] = (root, kept[1][root - kept[0] :])
+        return self.model.compute_logits(states[rows])
+
+    def _score_level(
+        self, items: list[TreeBatchItem], rows: list[int], needed: list[list[int]], frontier: list[list[int]]
+    ) -> torch.Tensor:
+        reads = []
+        for item, nodes in zip(items, needed):
+            predicted = self._predicted[item.seq_id]
+            root_read = self._root_reads[item.seq_id]
+            reads += [root_read if parent < 0 else predicted[nodes[parent]] for parent in item.tree.parents]
+        states = self._states(items, torch.stack(reads))
+        frontier_states = states[rows]
+        row = 0
+        for item, nodes in zip(items, frontier):
+            for node in nodes:
+                self._predicted[item.seq_id][node] = frontier_states[row]
+                row += 1
+        return self.model.compute_logits(frontier_states)
+
+    def release(self, seq_id: str) -> None:
+        super().release(seq_id)
+        self.states.pop(seq_id, None)
