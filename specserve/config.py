@@ -258,6 +258,7 @@ class SpeculativeConfig:
                      slower for it than plain decoding (by the measured step cost); probe every
                      ``probe_interval`` plain steps (doubling while probes fail, at most 8x) and
                      resume when a probe pays; decided over the last ``switch_off_window`` steps
+                     (from half a window on), shrunk towards the engine-wide acceptance
     ngram_max / ngram_min  ngram only: longest / shortest suffix to match in the context
     """
 
@@ -275,7 +276,7 @@ class SpeculativeConfig:
     ngram_max: int = 4
     ngram_min: int = 1
     switch_off: bool = True
-    switch_off_window: int = 4
+    switch_off_window: int = 8
     probe_interval: int = 16
 
     def __post_init__(self) -> None:

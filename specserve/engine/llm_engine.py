@@ -33,7 +33,7 @@ from specserve.engine.outputs import RequestOutput, StepStats
 from specserve.engine.scheduler import Scheduler
 from specserve.engine.sequence import NO_SPECULATION, Sequence, SequenceStatus
 from specserve.engine.speculative import accept, commit, propose, verify
-from specserve.engine.switch_off import DraftStep, SwitchOff
+from specserve.engine.switch_off import AcceptancePrior, DraftStep, SwitchOff
 from specserve.engine.token_counts import TokenCounts
 from specserve.errors import RequestError, SpecserveError
 from specserve.models.loader import LoadedModel, cache_root, load_model
@@ -76,6 +76,8 @@ class LLMEngine:
         )
         self.num_draft_slots = config.speculative.max_tree_tokens if self.drafter else 0
         self.sequences: dict[str, Sequence] = {}
+        # the switch-off's engine-wide tokens per drafting step, per set of drafters a request uses
+        self.acceptance_priors: dict[tuple[str, ...], AcceptancePrior] = {}
         self.seed_rng = random.Random(config.model.seed)
         self.request_counter = 0
         self.last_step: StepStats | None = None  # timing of the latest step that ran a forward
@@ -284,7 +286,10 @@ class LLMEngine:
                     drafted = tree.num_nodes > 1
                     step = DraftStep(tree.num_nodes - 1, len(result.accepted_nodes) - 1,
                                      num_batch_tokens - tree.num_nodes, draft_share) if drafted else None
-                    seq.switch_off.record(step, self.step_cost)
+                    prior = self.acceptance_priors.setdefault(seq.speculation.drafters or (), AcceptancePrior())
+                    seq.switch_off.record(step, self.step_cost, prior.mean)
+                    if step is not None:
+                        prior.add(step)
             new_tokens = accept(seq, tree, result, self.loaded.eos_token_ids)
             new_tokens, text_ends = _detokenize(seq, new_tokens)
             seq.token_ids.extend(new_tokens)

@@ -5,14 +5,22 @@ request ``draft_s + cost(n + 1 + T)`` seconds and gives it ``1 + a`` tokens (a a
 same step without drafts would cost ``cost(n + 1)`` for one token (``cost``: the device's
 measured ``StepCost``). Over the request's last ``window`` drafting steps::
 
-    speculative s/token = sum(draft_s_i + cost(n_i + 1 + T_i)) / sum(1 + a_i)
+    speculative s/token = sum(draft_s_i + cost(n_i + 1 + T_i)) / tokens
     plain s/token       = sum(cost(n_i + 1)) / number of steps
 
-Once at least half a window is seen and speculative > plain, the request stops drafting
-(switch-off). While off, every ``interval`` plain steps one step drafts again (a probe); a
-probe whose own speculative s/token beats plain switches drafting back on (switch-on, the
-window restarts from the probe), a failed one doubles the interval (at most 8x the base).
-Steps whose drafter proposed nothing cost nothing extra and are not counted.
+where ``tokens`` is the steps' own ``sum(1 + a_i)``, shrunk towards the engine-wide rate: with
+an ``AcceptancePrior`` of mean m tokens per drafting step (over every request's recent steps),
+k = ``PRIOR_STEPS`` pseudo-steps of m tokens each join the request's steps::
+
+    tokens = (sum(1 + a_i) + k * m) * len(steps) / (len(steps) + k)
+
+so a few unlucky steps do not switch off a request whose drafter does well elsewhere, while a
+drafter that does badly everywhere (an engine-wide m near 1) switches requests off at once.
+Once at least half a window is seen (the prior's k pseudo-steps count) and speculative >
+plain, the request stops drafting (switch-off). While off, every ``interval`` plain steps one step drafts again (a probe); a
+probe whose speculative s/token (with the prior) beats plain switches drafting back on
+(switch-on, the window restarts from the probe), a failed one doubles the interval (at most 8x
+the base). Steps whose drafter proposed nothing cost nothing extra and are not counted.
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ if TYPE_CHECKING:
     from specserve.engine.calibration import StepCost
 
 MAX_INTERVAL_FACTOR = 8
+PRIOR_STEPS = 2  # k: weight of the engine-wide rate, in drafting steps
+PRIOR_HISTORY = 256  # drafting steps (of all requests) the engine-wide rate is taken over
 
 
 @dataclass(frozen=True)
@@ -41,11 +51,29 @@ class DraftStep:
         return self.draft_s + cost(self.num_other_tokens + 1 + self.num_drafts), cost(self.num_other_tokens + 1)
 
 
-def speculation_pays(steps: list[DraftStep], cost: StepCost) -> bool:
-    """Speculative seconds per token <= plain seconds per token over ``steps`` (non-empty)."""
+class AcceptancePrior:
+    """The engine-wide tokens per drafting step (1 + accepted drafts) over the last
+    ``PRIOR_HISTORY`` drafting steps of every request; ``mean`` is None before the first."""
+
+    def __init__(self) -> None:
+        self.recent: deque[int] = deque(maxlen=PRIOR_HISTORY)
+
+    def add(self, step: DraftStep) -> None:
+        self.recent.append(1 + step.num_accepted)
+
+    @property
+    def mean(self) -> float | None:
+        return sum(self.recent) / len(self.recent) if self.recent else None
+
+
+def speculation_pays(steps: list[DraftStep], cost: StepCost, prior: float | None = None) -> bool:
+    """Speculative seconds per token <= plain seconds per token over ``steps`` (non-empty),
+    the steps' tokens shrunk towards ``prior`` tokens per step (None: the steps alone)."""
     spec_s = sum(step.seconds(cost)[0] for step in steps)
     plain_s = sum(step.seconds(cost)[1] for step in steps)
     num_tokens = sum(1 + step.num_accepted for step in steps)
+    if prior is not None:
+        num_tokens = (num_tokens + PRIOR_STEPS * prior) * len(steps) / (len(steps) + PRIOR_STEPS)
     return spec_s / num_tokens <= plain_s / len(steps)
 
 
@@ -72,8 +100,9 @@ class SwitchOff:
         """Whether the request drafts in the next step (on, or off with a probe due)."""
         return not self.off or self.plain_steps_since_probe >= self.interval
 
-    def record(self, step: DraftStep | None, cost: StepCost) -> None:
-        """After a decode step: ``step`` is None when no drafts were verified for the request."""
+    def record(self, step: DraftStep | None, cost: StepCost, prior: float | None = None) -> None:
+        """After a decode step: ``step`` is None when no drafts were verified for the request;
+        ``prior``: the engine-wide tokens per drafting step (``AcceptancePrior.mean``)."""
         if step is None:
             if self.off:
                 self.num_off_steps += 1
@@ -82,7 +111,7 @@ class SwitchOff:
         if self.off:
             self.num_probes += 1
             self.plain_steps_since_probe = 0
-            if speculation_pays([step], cost):
+            if speculation_pays([step], cost, prior):
                 self.off, self.interval = False, self.base_interval
                 self.recent = deque([step])
                 self.num_switch_ons += 1
@@ -92,7 +121,8 @@ class SwitchOff:
         self.recent.append(step)
         if len(self.recent) > self.window:
             self.recent.popleft()
-        if 2 * len(self.recent) >= self.window and not speculation_pays(list(self.recent), cost):
+        seen = len(self.recent) + (PRIOR_STEPS if prior is not None else 0)
+        if 2 * seen >= self.window and not speculation_pays(list(self.recent), cost, prior):
             self.off = True
             self.plain_steps_since_probe = 0
             self.recent.clear()

@@ -1,7 +1,15 @@
 """The per-request switch-off rule on a synthetic cost curve: exact decisions and counters."""
 
 from specserve.engine.calibration import StepCost
-from specserve.engine.switch_off import MAX_INTERVAL_FACTOR, DraftStep, SwitchOff, speculation_pays
+from specserve.engine.switch_off import (
+    MAX_INTERVAL_FACTOR,
+    PRIOR_HISTORY,
+    PRIOR_STEPS,
+    AcceptancePrior,
+    DraftStep,
+    SwitchOff,
+    speculation_pays,
+)
 
 COST = StepCost((1, 9), (1.0, 2.0))  # 8 drafts double a lone step
 
@@ -74,3 +82,57 @@ def test_the_window_slides():
     assert not state.off
     state.record(bad(), COST)  # 1 good + 3 bad: 8 s for 7 tokens against 1.0
     assert state.off and len(state.recent) == 0
+
+
+def test_the_engine_wide_prior_shrinks_the_request_s_tokens():
+    """Two losing steps (4 s, 2 tokens) against 1 s/token plain: alone they lose; with a prior of
+    m tokens per step worth PRIOR_STEPS = 2 steps the tokens become (2 + 2 m) * 2 / 4, which pays
+    from m = 3 on; a prior of 1 token per step (a drafter failing everywhere) changes nothing."""
+    assert PRIOR_STEPS == 2
+    assert not speculation_pays([bad(), bad()], COST)
+    assert speculation_pays([bad(), bad()], COST, prior=3.0)  # 4 s for 4 tokens: a tie
+    assert not speculation_pays([bad(), bad()], COST, prior=2.99)
+    assert not speculation_pays([bad(), bad()], COST, prior=1.0)
+    # eight losing steps outweigh the same prior: 16 s for (8 + 6) * 8 / 10 = 11.2 tokens
+    assert not speculation_pays([bad()] * 8, COST, prior=3.0)
+
+
+def test_acceptance_prior_is_the_mean_of_the_last_steps():
+    prior = AcceptancePrior()
+    assert prior.mean is None
+    prior.add(good())  # 4 tokens
+    prior.add(bad())  # 1 token
+    assert prior.mean == 2.5
+    for _ in range(PRIOR_HISTORY):
+        prior.add(bad())
+    assert prior.mean == 1.0 and len(prior.recent) == PRIOR_HISTORY
+
+
+def test_a_good_prior_keeps_a_request_on_through_a_bad_start_and_a_bad_one_does_not():
+    lucky = SwitchOff(window=4, base_interval=2)
+    lucky.record(bad(), COST, prior=3.0)  # 2 s for (1 + 6) / 3 = 2.33 tokens: on
+    lucky.record(bad(), COST, prior=3.0)  # 4 s for 4 tokens: a tie, on
+    assert not lucky.off
+    lucky.record(bad(), COST, prior=3.0)  # 6 s for (3 + 6) * 3 / 5 = 5.4 tokens: off
+    assert lucky.off
+    unlucky = SwitchOff(window=4, base_interval=2)
+    unlucky.record(bad(), COST, prior=1.0)  # 1 step + 2 pseudo-steps: half a window, 2 s a token
+    assert unlucky.off
+    # a probe is judged with the prior too: one losing probe switches back on under a good prior
+    unlucky.record(None, COST)
+    unlucky.record(None, COST)
+    assert unlucky.wants_drafts()
+    unlucky.record(bad(), COST, prior=4.0)  # 2 s for (1 + 8) / 3 = 3 tokens
+    assert not unlucky.off and unlucky.num_switch_ons == 1
+
+
+def test_the_prior_counts_towards_half_a_window():
+    """Window 8: alone a request decides after 4 drafting steps; with a prior (2 pseudo-steps)
+    after 2."""
+    alone, with_prior = SwitchOff(window=8, base_interval=2), SwitchOff(window=8, base_interval=2)
+    for steps in range(1, 5):
+        alone.record(bad(), COST)
+        with_prior.record(bad(), COST, prior=1.0)
+        assert alone.off == (steps == 4) and with_prior.off == (steps >= 2)
+        if with_prior.off:
+            with_prior.record(None, COST)  # off: plain steps until the probe
