@@ -81,6 +81,7 @@ class RunConfig:
     gen_batch: int = 128  # sequences per engine
     gen_workers: int = 1  # engine processes sharing the device (draft_models/parallel_generate.py)
     samples: str | None = None  # default: under $SPECSERVE_CACHE_DIR/draft_samples/
+    samples_dtype: str | None = None  # the dtype the cached continuations were generated in (default: the target's)
     regenerate: bool = False
     time_budget_min: float = 14.0
     gen_budget_min: float = 8.0
@@ -104,6 +105,8 @@ class RunConfig:
             raise SpecserveError("use --num-sampled >= 0, --max-new-tokens >= 2 and --validation-every >= 2")
         if self.gen_batch < 1 or self.gen_workers < 1:
             raise SpecserveError("--gen-batch and --gen-workers must be at least 1")
+        if self.samples_dtype not in (None, "float32", "bfloat16", "float16"):
+            raise SpecserveError(f"--samples-dtype must be float32, bfloat16 or float16, not {self.samples_dtype!r}")
         if self.time_budget_min <= 0 or not 0 < self.gen_budget_min <= self.time_budget_min:
             raise SpecserveError("--gen-budget-min must be positive and at most --time-budget-min")
 
@@ -123,9 +126,13 @@ def run(cfg: RunConfig, loaded: LoadedModel | None = None) -> list[dict[str, Any
 
     # 2. generate (or reuse) the target's continuations
     jobs = generation_jobs(train_prompts, heldout_prompts, cfg.num_sampled, cfg.temperature, cfg.train.seed)
-    key = samples_key(target, jobs, {"max_new_tokens": cfg.max_new_tokens, "dtype": str(target.dtype)})
+    gen_dtype = str(getattr(torch, cfg.samples_dtype)) if cfg.samples_dtype else str(target.dtype)
+    key = samples_key(target, jobs, {"max_new_tokens": cfg.max_new_tokens, "dtype": gen_dtype})
     samples_path = Path(cfg.samples or cache_root() / "draft_samples" / f"samples-{key}.jsonl")
     cached = None if cfg.regenerate else read_samples(samples_path, key)
+    if cached is None and gen_dtype != str(target.dtype):
+        raise SpecserveError(f"{samples_path} holds no continuations of these prompts generated in {gen_dtype}: "
+                             "leave out --samples-dtype to generate them with this target")
     if cached is not None:
         samples, gen_stats = cached
         gen_stats = {**gen_stats, "reused_from_cache": True}

@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gen-workers", type=int, default=d.gen_workers,
                    help="engine processes generating side by side on the one device")
     p.add_argument("--samples", default=None, help="continuations cache (JSONL); default under the cache dir")
+    p.add_argument("--samples-dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="reuse continuations --samples holds that the target generated in this dtype "
+                        "(e.g. float32 on a CPU) with a target loaded in another")
     p.add_argument("--regenerate", action="store_true", help="ignore a cached continuations file")
     p.add_argument("--time-budget-min", type=float, default=d.time_budget_min)
     p.add_argument("--gen-budget-min", type=float, default=d.gen_budget_min)
@@ -106,6 +109,7 @@ def config_from_args(argv: list[str]) -> RunConfig:
         max_train_prompts=args.max_train_prompts, max_heldout_prompts=args.max_heldout_prompts,
         validation_every=args.validation_every, num_sampled=args.num_sampled, temperature=args.temperature,
         max_new_tokens=args.max_new_tokens, gen_batch=args.gen_batch, gen_workers=args.gen_workers, samples=args.samples,
+        samples_dtype=args.samples_dtype,
         regenerate=args.regenerate, time_budget_min=args.time_budget_min, gen_budget_min=args.gen_budget_min,
         eval_reserve_s=args.eval_reserve_s, teacher_batch_tokens=args.teacher_batch_tokens,
         num_drafts=args.num_drafts, spec=spec, train=train, boost_floor=args.boost_floor,

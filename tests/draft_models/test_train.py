@@ -9,6 +9,7 @@ from draft_models import pipeline
 from draft_models.pipeline import run
 from draft_models.small_draft import MAX_WEIGHTS_BYTES, load_draft
 from draft_models.train import config_from_args
+from specserve.errors import SpecserveError
 
 MANIFEST_FIELDS = {
     "draft", "index", "num_drafts", "target", "spec", "data", "seed", "boost", "training", "heldout",
@@ -61,6 +62,13 @@ def test_saved_tiny_draft_loads_and_samples_are_reused(tiny_run, smollm, monkeyp
 
     monkeypatch.setattr(pipeline, "generate_samples", must_not_generate)
     assert pipeline.run(replace(cfg, stage="generate"), loaded=smollm) == []
+    # --samples-dtype names the dtype they were generated in: the same (float32) is reused, another
+    # finds nothing to reuse and is refused rather than regenerated in the wrong dtype
+    assert pipeline.run(replace(cfg, stage="generate", samples_dtype="float32"), loaded=smollm) == []
+    with pytest.raises(SpecserveError, match="generated in torch.bfloat16"):
+        pipeline.run(replace(cfg, stage="generate", samples_dtype="bfloat16"), loaded=smollm)
+    with pytest.raises(SpecserveError, match="--samples-dtype must be"):
+        replace(cfg, samples_dtype="int8")
 
 
 def test_tiny_feature_draft_run(tiny_run, smollm):
