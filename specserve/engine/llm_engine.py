@@ -197,7 +197,10 @@ class LLMEngine:
         )
         spec = self.config.speculative
         if seq.speculation.enabled and spec.switch_off and self.step_cost is not None:
-            seq.switch_off = SwitchOff(spec.switch_off_window, spec.probe_interval)
+            prior = self.acceptance_priors.setdefault(seq.speculation.drafters, AcceptancePrior())
+            starts_on = prior.pays(self.step_cost, spec.switch_off_window)
+            make = SwitchOff if starts_on else SwitchOff.starting_off
+            seq.switch_off = make(spec.switch_off_window, spec.probe_interval)
         if params.uses_history:
             seq.token_counts = TokenCounts.from_tokens(
                 prompt_token_ids, [], self.loaded.arch.vocab_size, self.loaded.device
@@ -286,7 +289,7 @@ class LLMEngine:
                     drafted = tree.num_nodes > 1
                     step = DraftStep(tree.num_nodes - 1, len(result.accepted_nodes) - 1,
                                      num_batch_tokens - tree.num_nodes, draft_share) if drafted else None
-                    prior = self.acceptance_priors.setdefault(seq.speculation.drafters or (), AcceptancePrior())
+                    prior = self.acceptance_priors.setdefault(seq.speculation.drafters, AcceptancePrior())
                     seq.switch_off.record(step, self.step_cost, prior.mean)
                     if step is not None:
                         prior.add(step)

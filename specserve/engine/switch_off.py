@@ -21,6 +21,10 @@ plain, the request stops drafting (switch-off). While off, every ``interval`` pl
 probe whose speculative s/token (with the prior) beats plain switches drafting back on
 (switch-on, the window restarts from the probe), a failed one doubles the interval (at most 8x
 the base). Steps whose drafter proposed nothing cost nothing extra and are not counted.
+
+While the drafters lose over the engine's recent drafting steps taken together (at least a
+window of them), a new request starts switched off at the longest probe interval: the probes
+alone keep watch for a workload on which drafting pays again.
 """
 
 from __future__ import annotations
@@ -52,18 +56,23 @@ class DraftStep:
 
 
 class AcceptancePrior:
-    """The engine-wide tokens per drafting step (1 + accepted drafts) over the last
-    ``PRIOR_HISTORY`` drafting steps of every request; ``mean`` is None before the first."""
+    """The engine's last ``PRIOR_HISTORY`` drafting steps of every request (with one set of
+    drafters): their mean tokens per step (1 + accepted drafts; None before the first), and
+    whether speculation pays over them as a whole."""
 
     def __init__(self) -> None:
-        self.recent: deque[int] = deque(maxlen=PRIOR_HISTORY)
+        self.recent: deque[DraftStep] = deque(maxlen=PRIOR_HISTORY)
 
     def add(self, step: DraftStep) -> None:
-        self.recent.append(1 + step.num_accepted)
+        self.recent.append(step)
 
     @property
     def mean(self) -> float | None:
-        return sum(self.recent) / len(self.recent) if self.recent else None
+        return sum(1 + step.num_accepted for step in self.recent) / len(self.recent) if self.recent else None
+
+    def pays(self, cost: StepCost, min_steps: int) -> bool:
+        """False only once ``min_steps`` steps are known and speculation lost over them."""
+        return len(self.recent) < min_steps or speculation_pays(list(self.recent), cost)
 
 
 def speculation_pays(steps: list[DraftStep], cost: StepCost, prior: float | None = None) -> bool:
@@ -95,6 +104,15 @@ class SwitchOff:
 
     def __post_init__(self) -> None:
         self.interval = self.base_interval
+
+    @classmethod
+    def starting_off(cls, window: int, base_interval: int) -> SwitchOff:
+        """A request that starts switched off, probing every ``MAX_INTERVAL_FACTOR`` * base
+        steps (the engine does so while its drafters lose over every request's recent steps);
+        counted as a switch-off."""
+        state = cls(window, base_interval, off=True, num_switch_offs=1)
+        state.interval = MAX_INTERVAL_FACTOR * base_interval
+        return state
 
     def wants_drafts(self) -> bool:
         """Whether the request drafts in the next step (on, or off with a probe due)."""

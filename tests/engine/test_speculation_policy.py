@@ -12,6 +12,7 @@ import pytest
 
 from specserve.config import SamplingParams, SpeculationParams, SpeculativeConfig
 from specserve.engine.sequence import NO_SPECULATION
+from specserve.engine.switch_off import AcceptancePrior
 
 # one step costs 0.1 s plus 12.5 ms per extra tree token: a 17-token tree triples it
 COST = {"sizes": [1, 2, 4, 8, 16, 32], "seconds": [0.1 + 0.0125 * (n - 1) for n in (1, 2, 4, 8, 16, 32)]}
@@ -116,3 +117,22 @@ def test_switch_off_engages_on_random_tokens(make_engine, ngram):
     outs_always = make_engine(speculative=always).generate(prompts, params)
     assert sum(o.num_switch_offs for o in outs_always) == 0
     assert sum(o.num_draft_tokens for o in outs_always) > sum(o.num_draft_tokens for o in outs)
+
+
+def test_requests_start_off_while_the_drafters_lose_engine_wide(make_engine, ngram, tmp_path):
+    """One request after another on random tokens, on a device where every tree token costs half a
+    step: once the engine has seen a window of losing drafting steps, a new request starts
+    switched off (counted once) and, at the longest probe interval (8 x 16 steps), drafts nothing
+    in 40 tokens."""
+    steep = tmp_path / "steep.json"
+    steep.write_text(json.dumps({"sizes": [1, 32], "seconds": [0.1, 0.1 + 0.05 * 31]}))
+    engine = make_engine(speculative=replace(ngram, step_cost=str(steep)))
+    params = SamplingParams(max_tokens=40, temperature=1.0, seed=3, ignore_eos=True)
+    prompts = random_alphabet_prompts(10, seed=1)
+    while len(engine.acceptance_priors.get(("ngram",), AcceptancePrior()).recent) < ngram.switch_off_window:
+        first = engine.generate([prompts.pop()], params)[0]  # starts on, drafts, switches off
+        assert first.num_draft_tokens > 0 and first.num_switch_offs >= 1
+    assert not engine.acceptance_priors[("ngram",)].pays(engine.step_cost, ngram.switch_off_window)
+    last = engine.generate([prompts.pop()], params)[0]
+    assert (last.num_switch_offs, last.num_probe_steps, last.num_draft_tokens) == (1, 0, 0)
+    assert last.num_switched_off_steps == last.num_steps

@@ -108,6 +108,30 @@ def test_acceptance_prior_is_the_mean_of_the_last_steps():
     assert prior.mean == 1.0 and len(prior.recent) == PRIOR_HISTORY
 
 
+def test_acceptance_prior_pays_over_every_request_s_steps_once_enough_are_known():
+    prior = AcceptancePrior()
+    for _ in range(3):
+        prior.add(bad())
+    assert prior.pays(COST, min_steps=4)  # too few steps to judge
+    prior.add(bad())
+    assert not prior.pays(COST, min_steps=4)  # 8 s for 4 tokens against 1 s per token
+    for _ in range(4):
+        prior.add(good())
+    assert prior.pays(COST, min_steps=4)  # 16 s for 20 tokens
+
+
+def test_a_request_can_start_off_at_the_longest_probe_interval():
+    state = SwitchOff.starting_off(window=8, base_interval=2)
+    assert state.off and state.interval == MAX_INTERVAL_FACTOR * 2 and state.num_switch_offs == 1
+    wants = []
+    for _ in range(MAX_INTERVAL_FACTOR * 2 + 1):
+        wants.append(state.wants_drafts())
+        state.record(None, COST)
+    assert wants == [False] * (MAX_INTERVAL_FACTOR * 2) + [True]
+    state.record(good(), COST)  # the probe pays: on
+    assert not state.off and state.interval == 2 and state.num_switch_ons == 1
+
+
 def test_a_good_prior_keeps_a_request_on_through_a_bad_start_and_a_bad_one_does_not():
     lucky = SwitchOff(window=4, base_interval=2)
     lucky.record(bad(), COST, prior=3.0)  # 2 s for (1 + 6) / 3 = 2.33 tokens: on
