@@ -25,7 +25,11 @@ Work decomposition::
 Mask, inside the kernel, from ``tree_parents``:
     * a sequence whose tree tokens 0 .. q_end-1 form a chain (parent of k is k - 1) takes the
       causal path: key j is visible to query i iff j <= i. This is decode and chunked prefill.
-    * otherwise the tree's key tiles are scanned in DESCENDING order while every query row walks
+    * a tree whose keys 0 .. q_end-1 number at most 256: every query row walks up its parent
+      pointers once, to the root, setting bit j % 64 of word j // 64 of four 64-bit per-row words for each ancestor-or-
+      self j; each tree tile then reads its bits from one word. Walk steps per program = the
+      deepest row's depth (each step costs O(BLOCK_M) and a block-wide reduction).
+    * otherwise (a query block past the tree's 256th token): its key tiles are scanned in DESCENDING order while every query row walks
       up its parent pointers. Invariant at the top of the tile [j0, j0 + TREE_BLOCK_N):
       ``cur[r]`` is the largest ancestor-or-self of row r's token that is < j0 + TREE_BLOCK_N
       (-1 once the root has been passed). The walk marks ``cur`` in a 64-bit per-row bitmask and
@@ -186,7 +190,8 @@ def _tree_attention_kernel(
     BLOCK_M: tl.constexpr,  # rows of the query tile, >= BLOCK_Q * GROUP
     BLOCK_Q: tl.constexpr,  # tree tokens per program
     BLOCK_N: tl.constexpr,  # keys per prefix tile
-    TREE_BLOCK_N: tl.constexpr,  # keys per tree tile, <= 64 (one int64 bitmask per row)
+    TREE_BLOCK_N: tl.constexpr,  # keys per tree tile, divides 64 (one int64 bitmask per row)
+    NUM_WORDS: tl.constexpr,  # trees of up to 64 * NUM_WORDS tokens take the one-walk path (4)
     CHECK_BLOCK: tl.constexpr,  # parents read at once by the chain check
     SEQS_PAD: tl.constexpr,  # a power of two >= num_seqs (at least 64: fewer variants)
     SPLIT: tl.constexpr,  # num_splits > 1: write partial results for _reduce_splits_kernel
@@ -194,7 +199,8 @@ def _tree_attention_kernel(
     UPCAST_DOT: tl.constexpr,  # compute the dots in float32 (the interpreter, for bf16)
     K_ROWS: tl.constexpr,
 ):
-    tl.static_assert(TREE_BLOCK_N <= 64)
+    tl.static_assert(64 % TREE_BLOCK_N == 0)
+    tl.static_assert(NUM_WORDS == 4)
     q_block = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -286,7 +292,40 @@ def _tree_attention_kernel(
                 m_i, l_i, acc = _online_softmax_step(
                     q, k_t, v, allowed, m_i, l_i, acc, qk_scale, DOT_PRECISION, UPCAST_DOT, True
                 )
-        else:  # a tree: walk the parent pointers, tiles in descending order
+        elif q_end <= 64 * NUM_WORDS:  # a small tree: one walk to the roots, then the tiles
+            cur = tl.where(row_valid, row_token, -1)  # [BLOCK_M]
+            word0 = tl.zeros([BLOCK_M], dtype=tl.int64)  # bit c of word w: key 64 w + c is visible
+            word1 = tl.zeros([BLOCK_M], dtype=tl.int64)
+            word2 = tl.zeros([BLOCK_M], dtype=tl.int64)
+            word3 = tl.zeros([BLOCK_M], dtype=tl.int64)
+            need = cur >= 0
+            while tl.max(need.to(tl.int32), 0) > 0:
+                bit = tl.where(need, tl.full([BLOCK_M], 1, tl.int64) << (cur % 64).to(tl.int64), 0)
+                word = cur // 64
+                word0 = word0 | tl.where(word == 0, bit, 0)
+                word1 = word1 | tl.where(word == 1, bit, 0)
+                word2 = word2 | tl.where(word == 2, bit, 0)
+                word3 = word3 | tl.where(word == 3, bit, 0)
+                parent = tl.load(parents_ptr + cur, mask=need, other=-1)
+                cur = tl.where(need, tl.minimum(parent, cur - 1), cur)
+                need = cur >= 0
+            for tile in range(num_tree_tiles):
+                j0 = tile * TREE_BLOCK_N  # a tile lies within one word (TREE_BLOCK_N divides 64)
+                offs_j = j0 + offs_tn
+                key_valid = offs_j < q_end
+                k_t, v = _load_kv_tile(
+                    k_cache_ptr, v_cache_ptr, block_table_ptr, prefix_len + offs_j, key_valid,
+                    kv_head, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                    HEAD_DIM, BLOCK_SIZE, True, K_ROWS,
+                )  # fmt: skip
+                w = j0 // 64
+                bits = tl.where(w == 0, word0, tl.where(w == 1, word1, tl.where(w == 2, word2, word3)))
+                bits = bits >> (j0 % 64).to(tl.int64)
+                allowed = ((bits[:, None] >> offs_tn[None, :].to(tl.int64)) & 1) != 0
+                m_i, l_i, acc = _online_softmax_step(
+                    q, k_t, v, allowed, m_i, l_i, acc, qk_scale, DOT_PRECISION, UPCAST_DOT, True
+                )
+        else:  # a large tree: walk the parent pointers per tile, tiles in descending order
             cur = tl.where(row_valid, row_token, -1)  # [BLOCK_M]
             for tile in range(num_tree_tiles):
                 j0 = (num_tree_tiles - 1 - tile) * TREE_BLOCK_N
@@ -377,7 +416,7 @@ class LaunchConfig:
     block_m: int  # rows of the query tile (power of two >= 16)
     block_q: int  # tree tokens per program, block_m // group
     block_n: int  # keys per prefix tile
-    tree_block_n: int  # keys per tree tile (<= 64)
+    tree_block_n: int  # keys per tree tile (a divisor of 64)
     num_splits: int  # programs per (query block, kv head) along the prefix; power of two
     num_warps: int
     num_stages: int
@@ -579,6 +618,7 @@ def launch_tree_attention(
         TREE_BLOCK_N=config.tree_block_n,
         SEQS_PAD=max(triton.next_power_of_2(num_seqs), 64),  # few variants to compile
         CHECK_BLOCK=256,
+        NUM_WORDS=4,
         SPLIT=num_splits > 1,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST_DOT=q.dtype == torch.bfloat16 and q.device.type != "cuda",

@@ -281,6 +281,15 @@ def test_tree_tiles_smaller_than_tree(tree_block_n, k_rows):
     check_against_reference(inputs, config)
 
 
+def test_query_blocks_past_256_tree_tokens_walk_per_tile():
+    """A 300-token tree: query blocks ending by token 256 take the one-walk path (four bit
+    words per row), later ones the per-tile walk; both in one launch."""
+    inputs = make_paged_inputs(15, [4, 0], [("random_tree", 300), ("deep_tree", 270)], 2, 1, 64, 16, torch.float32)
+    config = select_launch_config(570, 2, 2, 1, 64, inputs.block_tables.shape[1] * 16, torch.float32)
+    assert config.block_q == 32 and config.tree_block_n == 64
+    check_against_reference(inputs)
+
+
 def test_non_contiguous_q_and_cache():
     """q and the caches viewed out of larger tensors (strided heads and blocks)."""
     inputs = make_paged_inputs(
