@@ -45,6 +45,19 @@ LLAMA3_8B = LlamaArchConfig(
 )
 
 
+def log(message: str) -> None:
+    """A timestamped progress line (a device call shows what ran before any timeout)."""
+    print(f"[offload {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def random_weights_device(nbytes: int, device: torch.device) -> torch.device:
+    """Where to draw random weights: the GPU if they fit there twice over (seconds), else the CPU
+    (single-threaded normal_: minutes for an 8B shape)."""
+    if device.type == "cuda" and torch.cuda.mem_get_info(device)[0] > 2 * nbytes:
+        return device
+    return torch.device("cpu")
+
+
 def host_to_device_gbps(device: torch.device, nbytes: int = 1 << 30, repeats: int = 5) -> float:
     if device.type != "cuda":
         return float("nan")
@@ -136,8 +149,10 @@ def main() -> None:
         args.num_prompts, args.max_tokens, args.skip_8b = 2, 4, True
     sizes, repeats = ((1, 8) if args.quick else (1, 64, 256)), (1 if args.quick else 5)
     bandwidth = host_to_device_gbps(device)
+    log(f"host to device {bandwidth:.1f} GB/s")
     result = {"benchmark": "offload", "config": vars(args), "environment": environment(),
-              "host_to_device_gbps": bandwidth, "models": {}}
+              "host_to_device_gbps": bandwidth, "models": {}, "complete": False}
+    name = "offload_" + ("gpu" if device.type == "cuda" else "cpu")
 
     dtype = "bfloat16" if device.type == "cuda" else "float32"
     modes = ("eager", "graphs") if device.type == "cuda" else ("eager",)
@@ -145,6 +160,11 @@ def main() -> None:
     real = load_model(ModelConfig(device=str(device), dtype=dtype, offload=True))
     floor = real.residency.host_bytes / (bandwidth * 1e9)
     passes = pass_figures(real, sizes, 512 if not args.quick else 16, repeats, floor, 1.0, modes)
+    log(f"smollm2 passes: {passes}")
+    result["models"]["smollm2-135m (real weights, fully offloaded)"] = {
+        "streamed_bytes": real.residency.host_bytes, "copy_floor_s": floor, "passes": passes,
+    }
+    save_json(name, result, args.out)  # after every part: a call cut short keeps what it measured
     prompts = [chat_prompt_ids(real.tokenizer, [{"role": "user", "content": p}])
                for p in load_prompts(PROMPTS_DIR / "chat.jsonl", args.num_prompts + 1)]
     decode = {}
@@ -154,19 +174,25 @@ def main() -> None:
         decode[mode] = {"speculation_off": off, "speculation_on": on,
                         "speedup": off["ms_per_token"] / on["ms_per_token"],
                         "identical_outputs": sum(a == b for a, b in zip(off.pop("token_ids"), on.pop("token_ids")))}
-    result["models"]["smollm2-135m (real weights, fully offloaded)"] = {
-        "streamed_bytes": real.residency.host_bytes, "copy_floor_s": floor, "passes": passes, "decode": decode,
-    }
+        log(f"smollm2 decode [{mode}]: off {off['ms_per_token']:.2f} ms/token, spec {on['ms_per_token']:.2f} ms/token")
+        result["models"]["smollm2-135m (real weights, fully offloaded)"]["decode"] = decode
+        save_json(name, result, args.out)
     accepted = decode[modes[-1]]["speculation_on"]["mean_accepted_length"]
     del real
 
     if not args.skip_8b:
         plan = plan_residency(LLAMA3_8B, torch.bfloat16, args.budget_gb)
-        model = offload_model(random_model(LLAMA3_8B, torch.device("cpu"), torch.bfloat16), device, plan.num_resident)
+        weights_device = random_weights_device(plan.host_bytes + plan.device_bytes, device)
+        log(f"8B shape: drawing random weights on {weights_device}, {plan.num_resident} resident layers")
+        model = offload_model(random_model(LLAMA3_8B, weights_device, torch.bfloat16), device, plan.num_resident)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        log("8B shape: offloaded")
         loaded = LoadedModel(model, None, LLAMA3_8B, "llama3-8b-shape-random", device, torch.bfloat16, 8192,
                              (), plan)
         floor = plan.host_bytes / (bandwidth * 1e9)
         passes = pass_figures(loaded, sizes, 512, repeats, floor, 2.0, modes)
+        log(f"8B shape passes: {passes}")
         best = {n: min(p["pass_s"][n] for p in passes.values()) for n in sizes}
         result["models"]["llama3-8b shape (RANDOM bf16 weights)"] = {
             "budget_gb": args.budget_gb, "resident_layers": plan.num_resident, "streamed_bytes": plan.host_bytes,
@@ -176,7 +202,8 @@ def main() -> None:
             "acceptance_source": f"mean accepted length {accepted:.2f} measured on the real SmolLM2 run above "
                                  f"(speculation {args.spec}, {modes[-1]})",
         }
-    path = save_json("offload_" + ("h100" if device.type == "cuda" else "cpu"), result, args.out)
+    result["complete"] = True
+    path = save_json(name, result, args.out)
     print(f"host->device {bandwidth:.1f} GB/s")
     for name, m in result["models"].items():
         for mode, p in m["passes"].items():
