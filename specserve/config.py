@@ -313,11 +313,18 @@ class SpeculativeConfig:
             raise SpecserveError("switch_off_window must be at least 2 and probe_interval at least 1")
 
     @property
-    def drafter_names(self) -> tuple[str, ...]:
-        """The drafters this config runs (empty when speculation is off)."""
+    def member_kinds(self) -> tuple[str, ...]:
+        """The kind (a ``DRAFTER_NAMES`` entry) of every drafter this config runs, in order:
+        a merge member ``draft:NAME`` is a "draft" (empty when speculation is off)."""
         if self.method == "merge":
-            return self.merge
+            return tuple("draft" if m.startswith("draft:") else m for m in self.merge)
         return (self.method,) if self.enabled else ()
+
+    @property
+    def drafter_names(self) -> tuple[str, ...]:
+        """The kinds of drafter this config runs, once each: what a request's
+        ``speculation.drafters`` chooses among."""
+        return tuple(dict.fromkeys(self.member_kinds))
 
     @property
     def enabled(self) -> bool:

@@ -80,7 +80,7 @@ def make_drafter(
         return None
     if cfg.method == "merge":
         return MergedDrafter([make_drafter(cfg.with_method(m), loaded, num_blocks, block_size, max_num_seqs,
-                                           select_counts, graph_buckets) for m in cfg.merge], cfg.merge)
+                                           select_counts, graph_buckets) for m in cfg.merge], cfg.member_kinds)
     if cfg.method == "ngram":
         from draft_models.ngram import NgramDrafter
 

@@ -20,6 +20,7 @@ from specserve.config import (
     EngineConfig,
     ModelConfig,
     SamplingParams,
+    SpeculationParams,
     SpeculativeConfig,
 )
 from specserve.engine.llm_engine import LLMEngine
@@ -143,3 +144,27 @@ def test_engine_hands_over_the_targets_states_and_greedy_is_unchanged(tiny, draf
         outs += [o for o in engine.step() if o.finished]
     assert outs[0].token_ids == plain.token_ids
     assert outs[0].num_draft_tokens > 0
+
+
+def test_merged_with_ngram_through_the_engine(tiny, draft, tmp_path):
+    """A merge naming a trained draft by folder (``draft:PATH``) and the ngram drafter: greedy
+    output unchanged, the feature draft fed through the merge, and a request may keep to
+    either kind ("draft" or "ngram")."""
+    folder = save_draft(draft, SPEC, tmp_path / "feature", {"note": "test"}, tiny)
+    prompt = [5, 9, 14, 33, 2, 71, 8, 19, 4, 5, 9, 14]
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    plain = LLMEngine(EngineConfig(cache=CacheConfig(num_blocks=64)), loaded=tiny).generate([prompt], params)[0]
+    spec = SpeculativeConfig(method="merge", merge=(f"draft:{folder}", "ngram"), tree="dynamic", top_k=2,
+                             max_tree_tokens=8, max_depth=3, switch_off=False)
+    engine = LLMEngine(EngineConfig(cache=CacheConfig(num_blocks=96), speculative=spec), loaded=tiny)
+    assert engine.resolve_speculation(None).drafters == ("draft", "ngram")
+    out = engine.generate([prompt], params)[0]
+    assert out.token_ids == plain.token_ids and out.num_draft_tokens > 0
+    for kind in ("draft", "ngram"):
+        only = engine.resolve_speculation(SpeculationParams(drafters=(kind,)))
+        assert only.drafters == (kind,)
+        engine.add_request(prompt, params, request_id=kind, speculation=SpeculationParams(drafters=(kind,)))
+    outs = []
+    while engine.has_unfinished():
+        outs += [o for o in engine.step() if o.finished]
+    assert all(o.token_ids == plain.token_ids for o in outs) and len(outs) == 2

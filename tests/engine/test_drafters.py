@@ -13,6 +13,8 @@ from specserve.tree.builders import tree_from_paths_within_budget
 class FixedDrafter:
     """Proposes one fixed path; records the budgets it was asked for."""
 
+    needs_target_states = False
+
     def __init__(self, path: list[int]) -> None:
         self.path = path
         self.budgets: list[tuple[str, int]] = []
@@ -50,6 +52,7 @@ def test_merge_members_name_several_trained_drafts():
     assert [(m.method, m.draft_model, m.merge, m.tree, m.max_depth) for m in members] == [
         ("draft", "d1", (), "dynamic", 5), ("draft", "/tmp/d2", (), "dynamic", 5), ("ngram", None, (), "dynamic", 5),
     ]
+    assert cfg.member_kinds == ("draft", "draft", "ngram") and cfg.drafter_names == ("draft", "ngram")
     for bad in (["ngram"], ["ngram", "draft:"], ["ngram", "beam"], ["ngram", 3]):
         with pytest.raises(SpecserveError, match="merge"):
             SpeculativeConfig(method="merge", merge=tuple(bad))
