@@ -137,8 +137,8 @@ def train_draft(
         p.data = p.data.float()
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(own.values(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    use_autocast = device.type == "cuda" and target.dtype != torch.float32
-    autocast = torch.autocast("cuda", dtype=target.dtype) if use_autocast else contextlib.nullcontext()
+    use_autocast = target.dtype != torch.float32  # (a bf16 target on the CPU runs this path too)
+    autocast = torch.autocast(device.type, dtype=target.dtype) if use_autocast else contextlib.nullcontext()
     generator = torch.Generator().manual_seed(cfg.seed)
     weights = (seq_weights * torch.tensor([teacher.rows_of(s) for s in range(teacher.num_seqs)])).double()
     result = TrainResult()
@@ -165,10 +165,10 @@ def train_draft(
                 else:
                     passes = [causal_hidden(draft, input_ids)]
                 predicted = [hidden.flatten(0, 1)[flat.to(device)] for hidden in passes]
+                draft_logits = [draft.compute_logits(hidden) for hidden in predicted]
             loss = sum(
-                distill_loss(draft.compute_logits(hidden), target_logits, teacher.top1[rows], cfg.ce_weight)
-                for hidden in predicted
-            ) / len(predicted)
+                distill_loss(logits, target_logits, teacher.top1[rows], cfg.ce_weight) for logits in draft_logits
+            ) / len(draft_logits)
             if isinstance(draft, FeatureDraft) and cfg.feature_weight:
                 target_states = teacher.hidden[rows].float()
                 loss = loss + cfg.feature_weight * sum(

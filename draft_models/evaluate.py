@@ -42,8 +42,8 @@ def draft_ranks(
     d + 1; needs ``teacher.states``)."""
     device = draft.embed_tokens.weight.device
     embed_dtype = draft.embed_tokens.weight.dtype
-    mixed = device.type == "cuda" and embed_dtype != torch.float32
-    autocast = torch.autocast("cuda", dtype=embed_dtype) if mixed else contextlib.nullcontext()
+    mixed = embed_dtype != torch.float32
+    autocast = torch.autocast(device.type, dtype=embed_dtype) if mixed else contextlib.nullcontext()
     feature = isinstance(draft, FeatureDraft)
     if feature and teacher.states is None:
         raise ValueError("a feature draft's ranks need the target's states (teacher_force keep_states)")

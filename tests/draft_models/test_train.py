@@ -88,3 +88,15 @@ def test_tiny_feature_draft_run(tiny_run, smollm):
     assert heldout["top1_agreement"] == heldout["top1_agreement_by_depth"][0]
     assert heldout["engine"]["status"] == "measured" and heldout["engine"]["identical_to_greedy"] == 2
     assert type(load_draft(folder / "tiny-feature-1", smollm)).__name__ == "FeatureDraft"
+
+
+def test_tiny_feature_draft_run_in_bfloat16(tiny_run):
+    """The mixed-precision path a GPU takes (autocast, a bf16 target), here on the CPU: the
+    unrolled passes' logits are computed under autocast like the states they come from."""
+    _, _, folder = tiny_run
+    argv = ["--device", "cpu", "--dtype", "bfloat16", "--tiny", "--feature", "--feature-passes", "2",
+            "--name", "tiny-feature-bf16", "--out-dir", str(folder), "--samples", str(folder / "samples-bf16.jsonl"),
+            "--no-engine-eval"]
+    (manifest,) = run(config_from_args(argv))
+    assert manifest["target"]["dtype"] == "torch.bfloat16"
+    assert manifest["training"]["final_loss"] < manifest["training"]["first_loss"]
