@@ -258,7 +258,8 @@ class SpeculativeConfig:
                      slower for it than plain decoding (by the measured step cost); probe every
                      ``probe_interval`` plain steps (doubling while probes fail, at most 8x) and
                      resume when a probe pays; decided over the last ``switch_off_window`` steps
-                     (from half a window on), shrunk towards the engine-wide acceptance
+                     (from half a window on), shrunk towards the engine-wide acceptance;
+                     never for a seeded request at temperature > 0 (its text must reproduce)
     ngram_max / ngram_min  ngram only: longest / shortest suffix to match in the context
     """
 
