@@ -213,7 +213,7 @@ def run_prompt_set(prompt_set: PromptSet, prompt_ids: list[list[int]], runners: 
             break
         indices = list(range(first, min(first + batch, len(prompt_ids))))
         group_prompts = [prompt_ids[i] for i in indices]
-        seeds = [args.seed + i for i in indices]
+        seeds = [None if args.unseeded else args.seed + i for i in indices]
         group_results = {name: runner.run_group(group_prompts, seeds) for name, runner in runners.items()}
         off = group_results.get("off")
         for name, result in group_results.items():
@@ -287,6 +287,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     parser.add_argument("--seed", type=int, default=0, help="prompt i samples with seed + i in every method")
+    parser.add_argument("--unseeded", action="store_true",
+                        help="sampled requests carry no seed (our engines draw their own from --seed): the "
+                             "per-request switch-off never applies to seeded sampled requests")
     parser.add_argument("--stop-at-eos", action="store_true", help="stop at EOS (default: always --max-tokens)")
     parser.add_argument("--warmup-tokens", type=int, default=64, help="tokens of the warm-up group (capped at --max-tokens)")
     parser.add_argument("--hf-lookup-tokens", type=int, default=6, help="hf-lookup: prompt_lookup_num_tokens")
@@ -343,7 +346,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     warmup_tokens = min(args.warmup_tokens, args.max_tokens)
     for name, runner in runners.items():  # warm-up: kernels compiled, allocators grown; left out
         log(f"warm-up: {name}")
-        runner.run_group([warmup_ids] * args.batch_size, [args.seed] * args.batch_size, warmup_tokens)
+        runner.run_group([warmup_ids] * args.batch_size, [None if args.unseeded else args.seed] * args.batch_size,
+                         warmup_tokens)
     budget = None if args.time_budget is None else args.time_budget / len(prompt_sets)
     results = {}
     for prompt_set, ids in zip(prompt_sets, all_ids):

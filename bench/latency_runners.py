@@ -64,11 +64,11 @@ class EngineRunner:
         self.engine = engine
         self.settings = settings
 
-    def params(self, seed: int, max_tokens: int) -> SamplingParams:
+    def params(self, seed: int | None, max_tokens: int) -> SamplingParams:
         s = self.settings
         return SamplingParams(max_tokens=max_tokens, temperature=s.temperature, seed=seed, ignore_eos=s.ignore_eos)
 
-    def run_group(self, prompts: list[list[int]], seeds: list[int], max_tokens: int | None = None) -> GroupResult:
+    def run_group(self, prompts: list[list[int]], seeds: list[int | None], max_tokens: int | None = None) -> GroupResult:
         engine = self.engine
         max_tokens = max_tokens or self.settings.max_tokens
         sync()
@@ -198,7 +198,7 @@ class HFRunner:
         self.generate_kwargs = generate_kwargs or {}
 
     @torch.inference_mode()
-    def run_group(self, prompts: list[list[int]], seeds: list[int], max_tokens: int | None = None) -> GroupResult:
+    def run_group(self, prompts: list[list[int]], seeds: list[int | None], max_tokens: int | None = None) -> GroupResult:
         s = self.settings
         max_tokens = max_tokens or s.max_tokens
         device = self.model.device
@@ -210,7 +210,8 @@ class HFRunner:
         if s.ignore_eos:
             sampling["min_new_tokens"] = max_tokens  # EOS is masked until max_tokens are out
         streamer = TimingStreamer()
-        torch.manual_seed(seeds[0])  # one generator for the whole batch: transformers has no per-row seeds
+        if seeds[0] is not None:
+            torch.manual_seed(seeds[0])  # one generator for the whole batch: transformers has no per-row seeds
         sync()
         start = time.perf_counter()
         out = self.model.generate(
