@@ -5,8 +5,10 @@ import json
 import pytest
 import torch
 
+from draft_models.feature_draft import FeatureDraft
 from draft_models.small_draft import (
     MAX_WEIGHTS_BYTES,
+    WEIGHTS_DIR,
     DraftSpec,
     build_draft_model,
     draft_kv_layers_equivalent,
@@ -132,3 +134,15 @@ def test_engine_with_a_saved_draft_keeps_greedy_output(smollm, saved):
     out = engine.generate([prompt], params)
     assert out[0].token_ids == plain[0].token_ids
     assert out[0].num_draft_tokens > 0
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in WEIGHTS_DIR.iterdir() if p.is_dir()))
+def test_every_committed_draft_loads_for_the_default_model(smollm, name):
+    """The drafts in draft_models/weights/ load by name against SmolLM2-135M-Instruct, as the
+    class their spec says, and within the size limit."""
+    folder = WEIGHTS_DIR / name
+    spec = json.loads((folder / "config.json").read_text())["spec"]
+    draft = load_draft(name, smollm)
+    assert isinstance(draft, FeatureDraft) == bool(spec.get("feature_input"))
+    assert draft.cfg.num_layers == spec["num_layers"]
+    assert (folder / "model.safetensors").stat().st_size < MAX_WEIGHTS_BYTES
