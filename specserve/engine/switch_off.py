@@ -17,10 +17,11 @@ k = ``PRIOR_STEPS`` pseudo-steps of m tokens each join the request's steps::
 so a few unlucky steps do not switch off a request whose drafter does well elsewhere, while a
 drafter that does badly everywhere (an engine-wide m near 1) switches requests off at once.
 Once at least half a window is seen (the prior's k pseudo-steps count) and speculative >
-plain, the request stops drafting (switch-off). While off, every ``interval`` plain steps one step drafts again (a probe); a
-probe whose speculative s/token (with the prior) beats plain switches drafting back on
-(switch-on, the window restarts from the probe), a failed one doubles the interval (at most 8x
-the base). Steps whose drafter proposed nothing cost nothing extra and are not counted.
+plain, the request stops drafting (switch-off). While off, every ``interval`` plain steps one
+step drafts again (a probe); a probe whose speculative s/token (with the prior) beats plain
+switches drafting back on (switch-on, the window restarts from the probe), a failed one doubles
+the interval (at most 8x the base). Steps whose drafter proposed nothing cost nothing extra and
+are not counted.
 
 While the drafters lose over the engine's recent drafting steps taken together (at least a
 window of them), a new request starts switched off at the longest probe interval: the probes
@@ -62,13 +63,17 @@ class AcceptancePrior:
 
     def __init__(self) -> None:
         self.recent: deque[DraftStep] = deque(maxlen=PRIOR_HISTORY)
+        self.num_tokens = 0  # sum(1 + num_accepted) over ``recent`` (read every step: kept, not summed)
 
     def add(self, step: DraftStep) -> None:
+        if len(self.recent) == PRIOR_HISTORY:
+            self.num_tokens -= 1 + self.recent[0].num_accepted
         self.recent.append(step)
+        self.num_tokens += 1 + step.num_accepted
 
     @property
     def mean(self) -> float | None:
-        return sum(1 + step.num_accepted for step in self.recent) / len(self.recent) if self.recent else None
+        return self.num_tokens / len(self.recent) if self.recent else None
 
     def pays(self, cost: StepCost, min_steps: int) -> bool:
         """False only once ``min_steps`` steps are known and speculation lost over them."""
