@@ -24,8 +24,8 @@ the interval (at most 8x the base). Steps whose drafter proposed nothing cost no
 are not counted.
 
 While the drafters lose over the engine's recent drafting steps taken together (at least a
-window of them), a new request starts switched off at the longest probe interval: the probes
-alone keep watch for a workload on which drafting pays again.
+window of them), a new request starts switched off: it probes in its first step, then at the
+longest interval, and the probes keep watch for a workload on which drafting pays again.
 """
 
 from __future__ import annotations
@@ -112,11 +112,12 @@ class SwitchOff:
 
     @classmethod
     def starting_off(cls, window: int, base_interval: int) -> SwitchOff:
-        """A request that starts switched off, probing every ``MAX_INTERVAL_FACTOR`` * base
-        steps (the engine does so while its drafters lose over every request's recent steps);
-        counted as a switch-off."""
+        """A request that starts switched off (the engine does so while its drafters lose over
+        every request's recent steps), counted as a switch-off: it probes at once, then every
+        ``MAX_INTERVAL_FACTOR`` * base steps. The first probe keeps the engine's record fresh,
+        so a workload that drafting suits again is seen even when every request is short."""
         state = cls(window, base_interval, off=True, num_switch_offs=1)
-        state.interval = MAX_INTERVAL_FACTOR * base_interval
+        state.interval = state.plain_steps_since_probe = MAX_INTERVAL_FACTOR * base_interval
         return state
 
     def wants_drafts(self) -> bool:

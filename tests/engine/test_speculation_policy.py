@@ -134,8 +134,8 @@ def test_a_seeded_sampled_request_is_never_switched_off(spec_engine):
 def test_requests_start_off_while_the_drafters_lose_engine_wide(make_engine, ngram, tmp_path):
     """One request after another on random tokens, on a device where every tree token costs half a
     step: once the engine has seen a window of losing drafting steps, a new request starts
-    switched off (counted once) and, at the longest probe interval (8 x 16 steps), drafts nothing
-    in 40 tokens."""
+    switched off (counted once), probes once, fails, and at the longest probe interval (8 x 16
+    steps) drafts no more in 40 tokens."""
     steep = tmp_path / "steep.json"
     steep.write_text(json.dumps({"sizes": [1, 32], "seconds": [0.1, 0.1 + 0.05 * 31]}))
     engine = make_engine(speculative=replace(ngram, step_cost=str(steep)))
@@ -145,5 +145,5 @@ def test_requests_start_off_while_the_drafters_lose_engine_wide(make_engine, ngr
         engine.generate([prompts.pop()], params)  # starts on: its drafting steps join the record
     assert not engine.acceptance_priors[("ngram",)].pays(engine.step_cost, ngram.switch_off_window)
     last = engine.generate([prompts.pop()], params)[0]
-    assert (last.num_switch_offs, last.num_probe_steps, last.num_draft_tokens) == (1, 0, 0)
-    assert last.num_switched_off_steps == last.num_steps
+    assert (last.num_switch_offs, last.num_switch_ons, last.num_probe_steps) == (1, 0, 1)
+    assert last.num_switched_off_steps == last.num_steps - 1  # every step but the probe

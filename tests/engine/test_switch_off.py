@@ -120,9 +120,14 @@ def test_acceptance_prior_pays_over_every_request_s_steps_once_enough_are_known(
     assert prior.pays(COST, min_steps=4)  # 16 s for 20 tokens
 
 
-def test_a_request_can_start_off_at_the_longest_probe_interval():
+def test_a_request_can_start_off_probing_at_once_then_at_the_longest_interval():
     state = SwitchOff.starting_off(window=8, base_interval=2)
     assert state.off and state.interval == MAX_INTERVAL_FACTOR * 2 and state.num_switch_offs == 1
+    assert state.wants_drafts()  # the first probe
+    state.record(None, COST)  # the drafter proposed nothing: the probe is still due
+    assert state.wants_drafts() and state.num_probes == 0
+    state.record(bad(), COST)  # a failed probe: the interval stays at its longest
+    assert state.off and state.num_probes == 1 and state.interval == MAX_INTERVAL_FACTOR * 2
     wants = []
     for _ in range(MAX_INTERVAL_FACTOR * 2 + 1):
         wants.append(state.wants_drafts())
