@@ -1,0 +1,33 @@
+"""bench.step_profile: the per-step comparison of engines, CI-sized on the CPU, and its input errors."""
+
+from __future__ import annotations
+
+import json
+
+from bench import step_profile
+
+
+def test_cpu_run_compares_each_engine_with_the_off_engine(tmp_path, capsys):
+    out = tmp_path / "profile.json"
+    argv = ["--device", "cpu", "--max-tokens", "3", "--kv-cache-memory", "0.05", "--spec", "ngram=ngram",
+            "--out", str(out)]
+    assert step_profile.main(argv) == 0
+    results = json.loads(out.read_text())["results"]
+    assert list(results) == ["off", "ngram"]
+    assert list(results["off"]) == ["no drafting"] and list(results["ngram"]) == ["no drafting", "drafting"]
+    for modes in results.values():
+        for figures in modes.values():
+            assert figures["num_steps"] == 2 and figures["median_step_ms"] > 0
+            assert figures["ops_per_step"] > 0 and figures["cuda_kernels_per_step"] == 0
+    for figures in results["ngram"].values():
+        rows = figures["largest_differences_from_off"]
+        assert 0 < len(rows) <= step_profile.TOP_OPS and all(len(row) == 3 for row in rows)
+    assert "ngram" in capsys.readouterr().out
+
+
+def test_bad_input_is_one_line_and_exit_2(capsys):
+    for argv, needle in ((["--spec", "ngram"], "NAME=CONFIG"), (["--spec", "x=beam"], "speculative method"),
+                         (["--max-tokens", "1"], "--max-tokens"), (["--prompt-set", "nope"], "unknown prompt set")):
+        assert step_profile.main(argv) == 2
+        err = capsys.readouterr().err
+        assert needle in err and err.count("\n") == 1
