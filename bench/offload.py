@@ -152,7 +152,7 @@ def main() -> None:
     log(f"host to device {bandwidth:.1f} GB/s")
     result = {"benchmark": "offload", "config": vars(args), "environment": environment(),
               "host_to_device_gbps": bandwidth, "models": {}, "complete": False}
-    name = "offload_" + ("gpu" if device.type == "cuda" else "cpu")
+    result_name = "offload_" + ("gpu" if device.type == "cuda" else "cpu")
 
     dtype = "bfloat16" if device.type == "cuda" else "float32"
     modes = ("eager", "graphs") if device.type == "cuda" else ("eager",)
@@ -164,7 +164,7 @@ def main() -> None:
     result["models"]["smollm2-135m (real weights, fully offloaded)"] = {
         "streamed_bytes": real.residency.host_bytes, "copy_floor_s": floor, "passes": passes,
     }
-    save_json(name, result, args.out)  # after every part: a call cut short keeps what it measured
+    save_json(result_name, result, args.out)  # after every part: a call cut short keeps what it measured
     prompts = [chat_prompt_ids(real.tokenizer, [{"role": "user", "content": p}])
                for p in load_prompts(PROMPTS_DIR / "chat.jsonl", args.num_prompts + 1)]
     decode = {}
@@ -176,7 +176,7 @@ def main() -> None:
                         "identical_outputs": sum(a == b for a, b in zip(off.pop("token_ids"), on.pop("token_ids")))}
         log(f"smollm2 decode [{mode}]: off {off['ms_per_token']:.2f} ms/token, spec {on['ms_per_token']:.2f} ms/token")
         result["models"]["smollm2-135m (real weights, fully offloaded)"]["decode"] = decode
-        save_json(name, result, args.out)
+        save_json(result_name, result, args.out)
     accepted = decode[modes[-1]]["speculation_on"]["mean_accepted_length"]
     del real
 
@@ -203,7 +203,7 @@ def main() -> None:
                                  f"(speculation {args.spec}, {modes[-1]})",
         }
     result["complete"] = True
-    path = save_json(name, result, args.out)
+    path = save_json(result_name, result, args.out)
     print(f"host->device {bandwidth:.1f} GB/s")
     for name, m in result["models"].items():
         for mode, p in m["passes"].items():

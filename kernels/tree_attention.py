@@ -26,14 +26,16 @@ Mask, inside the kernel, from ``tree_parents``:
     * a sequence whose tree tokens 0 .. q_end-1 form a chain (parent of k is k - 1) takes the
       causal path: key j is visible to query i iff j <= i. This is decode and chunked prefill.
     * a tree whose keys 0 .. q_end-1 number at most 256: every query row walks up its parent
-      pointers once, to the root, setting bit j % 64 of word j // 64 of four 64-bit per-row words for each ancestor-or-
-      self j; each tree tile then reads its bits from one word. Walk steps per program = the
-      deepest row's depth (each step costs O(BLOCK_M) and a block-wide reduction).
-    * otherwise (a query block past the tree's 256th token): its key tiles are scanned in DESCENDING order while every query row walks
-      up its parent pointers. Invariant at the top of the tile [j0, j0 + TREE_BLOCK_N):
-      ``cur[r]`` is the largest ancestor-or-self of row r's token that is < j0 + TREE_BLOCK_N
-      (-1 once the root has been passed). The walk marks ``cur`` in a 64-bit per-row bitmask and
-      steps to its parent until ``cur < j0``; the invariant then holds for the next tile down.
+      pointers once, to the root, setting bit j % 64 of word j // 64 of four 64-bit per-row
+      words for each ancestor-or-self j; each tree tile then reads its bits from one word. Walk
+      steps per program = the deepest row's depth (each step costs O(BLOCK_M) and a block-wide
+      reduction).
+    * otherwise (a query block past the tree's 256th token): its key tiles are scanned in
+      DESCENDING order while every query row walks up its parent pointers. Invariant at the
+      top of the tile [j0, j0 + TREE_BLOCK_N): ``cur[r]`` is the largest ancestor-or-self of
+      row r's token that is < j0 + TREE_BLOCK_N (-1 once the root has been passed). The walk
+      marks ``cur`` in a 64-bit per-row bitmask and steps to its parent until ``cur < j0``;
+      the invariant then holds for the next tile down.
       Total walk steps per program = max depth + number of tiles; each step costs O(BLOCK_M).
       A parent >= its child (not topological) is clamped to child - 1, so the walk terminates.
 

@@ -259,10 +259,10 @@ class LLMEngine:
         logit_rows += list(range(row, row + sum(t.num_nodes for t in trees)))
         wants_states = self.drafter is not None and self.drafter.needs_target_states
         logits, hidden = self.runner.run(items, logit_rows, return_hidden=wants_states)
-        item_starts = [0]  # first row of each item
-        for item in items:
-            item_starts.append(item_starts[-1] + item.tree.num_nodes)
         if wants_states:  # a prefill chunk's K/V are all committed: so are its states
+            item_starts = [0]  # first row of each item
+            for item in items:
+                item_starts.append(item_starts[-1] + item.tree.num_nodes)
             for i, s in enumerate(prefills):
                 self.drafter.observe(s.seq.request_id, items[i].prefix_len, hidden[item_starts[i] : item_starts[i + 1]])
         for s in middle_chunks:  # nothing to sample yet: the chunk's K/V are simply committed
