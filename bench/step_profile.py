@@ -1,5 +1,6 @@
 """Where a decode step's time goes, engine by engine: the same request through speculation off
-and through engines with drafters, with its drafting disabled and enabled.
+and through engines with drafters: its drafting disabled, switched off (the engine's record of
+its drafters losing, as in a workload that defeats them) and enabled.
 
     python -m bench.step_profile --spec 'draft2={"method": "draft", "draft_model": "smollm2-draft-2"}'
     python -m bench.step_profile --device cpu --max-tokens 8 --spec 'ngram="ngram"'     # smoke run
@@ -17,6 +18,7 @@ import argparse
 import statistics
 import sys
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -33,33 +35,58 @@ from specserve.config import (
     SpeculativeConfig,
 )
 from specserve.engine.llm_engine import LLMEngine
+from specserve.engine.switch_off import PRIOR_HISTORY, AcceptancePrior, DraftStep
 from specserve.errors import SpecserveError
 from specserve.models.loader import load_model
 
 TOP_OPS = 12
 
 
-def run_request(engine: LLMEngine, prompt: list[int], params: SamplingParams, drafting: bool) -> list[float]:
-    """Seconds of every decode step of one request (the prefill step left out)."""
-    policy = SpeculationParams(enabled=drafting)
-    engine.add_request(prompt, params, speculation=policy)
+MODES = {  # mode -> (speculation enabled for the request, engine record losing)
+    "no drafting": (False, False),
+    "switched off": (True, True),
+    "drafting": (True, False),
+}
+
+
+def lose_engine_record(engine: LLMEngine) -> None:
+    """Fill the engine-wide record with drafting steps that accepted nothing, so a new request
+    starts switched off (it probes in its first step, then drafts no more for 128 steps)."""
+    prior = engine.acceptance_priors.setdefault(engine.resolve_speculation(None).drafters, AcceptancePrior())
+    for _ in range(PRIOR_HISTORY):
+        prior.add(DraftStep(engine.config.speculative.max_tree_tokens, 0, 0, 0.0))
+
+
+def run_request(engine: LLMEngine, prompt: list[int], params: SamplingParams, mode: str) -> tuple[list[float], int]:
+    """Seconds of every decode step of one request (the prefill step left out), and how many of
+    those steps ran switched off (the engine's record of its drafters is reset first)."""
+    enabled, losing = MODES[mode]
+    engine.acceptance_priors.clear()
+    if losing:
+        lose_engine_record(engine)
+    engine.add_request(prompt, params, speculation=SpeculationParams(enabled=enabled))
     engine.step()  # the prefill
-    times = []
+    times, switched_off = [], 0
     while engine.has_unfinished():
         sync()
         start = time.perf_counter()
-        engine.step()
+        outputs = engine.step()
         sync()
         times.append(time.perf_counter() - start)
-    return times
+        switched_off = outputs[0].num_switched_off_steps
+    return times, switched_off
 
 
-def profile_mode(engine: LLMEngine, prompt: list[int], params: SamplingParams, drafting: bool) -> dict[str, Any]:
-    run_request(engine, prompt, params, drafting)  # warm-up
-    times = run_request(engine, prompt, params, drafting)
+def profile_mode(engine: LLMEngine, prompt: list[int], params: SamplingParams, mode: str,
+                 profile_tokens: int) -> dict[str, Any]:
+    """Step times from one request of ``params.max_tokens``; operators from a profiled request of
+    ``profile_tokens`` (the profiler's post-processing takes minutes for thousands of CUDA steps)."""
+    run_request(engine, prompt, params, mode)  # warm-up
+    times, switched_off = run_request(engine, prompt, params, mode)
+    params = replace(params, max_tokens=min(params.max_tokens, profile_tokens))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities) as prof:
-        profiled = run_request(engine, prompt, params, drafting)
+        profiled, _ = run_request(engine, prompt, params, mode)
     num_steps = len(profiled)
     events = prof.key_averages()
     ops = {e.key: (e.count / num_steps, e.self_cpu_time_total / num_steps / 1e3) for e in events}
@@ -68,6 +95,7 @@ def profile_mode(engine: LLMEngine, prompt: list[int], params: SamplingParams, d
         "median_step_ms": 1e3 * statistics.median(times),
         "mean_step_ms": 1e3 * statistics.mean(times),
         "num_steps": len(times),
+        "switched_off_steps": switched_off,
         "ops_per_step": sum(count for count, _ in ops.values()),
         "cuda_kernels_per_step": num_kernels / num_steps,
         "ops": {key: {"per_step": round(count, 2), "self_cpu_ms_per_step": round(ms, 4)} for key, (count, ms) in ops.items()},
@@ -93,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="an engine with this --speculative-config (JSON or a method name)")
     parser.add_argument("--prompt-set", default="alphabet:128")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--profile-tokens", type=int, default=17, help="tokens of the profiled request")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--kv-cache-memory", type=float, default=1.0)
@@ -105,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             if not sep or not name:
                 raise ValueError(f"--spec takes NAME=CONFIG, not {item!r}")
             specs[name] = SpeculativeConfig.parse(config)
-        if args.max_tokens < 2:
-            raise ValueError("--max-tokens must be at least 2 (one prefill, one decode step)")
+        if args.max_tokens < 2 or args.profile_tokens < 2:
+            raise ValueError("--max-tokens and --profile-tokens must be at least 2 (one prefill, one decode step)")
         prompt_set = load_prompt_set(args.prompt_set, 1)
     except (ValueError, SpecserveError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -119,8 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, spec in specs.items():
         engine = LLMEngine(EngineConfig(model=model_config, cache=CacheConfig(kv_cache_memory_gb=args.kv_cache_memory),
                                         speculative=spec), loaded=loaded)
-        modes = {"no drafting": False} if not spec.enabled else {"no drafting": False, "drafting": True}
-        results[name] = {mode: profile_mode(engine, prompt, params, drafting) for mode, drafting in modes.items()}
+        modes = ["no drafting"] if not spec.enabled else list(MODES)
+        if not (spec.enabled and spec.switch_off and engine.step_cost is not None):
+            modes = [m for m in modes if m != "switched off"]
+        results[name] = {mode: profile_mode(engine, prompt, params, mode, args.profile_tokens)
+                         for mode in modes}
         del engine
     reference = results["off"]["no drafting"]
     print(f"{'engine':<16}{'mode':<13}{'step ms (median)':>18}{'ops/step':>10}{'kernels/step':>14}")

@@ -14,11 +14,14 @@ def test_cpu_run_compares_each_engine_with_the_off_engine(tmp_path, capsys):
     assert step_profile.main(argv) == 0
     results = json.loads(out.read_text())["results"]
     assert list(results) == ["off", "ngram"]
-    assert list(results["off"]) == ["no drafting"] and list(results["ngram"]) == ["no drafting", "drafting"]
+    assert list(results["off"]) == ["no drafting"]
+    assert list(results["ngram"]) == ["no drafting", "switched off", "drafting"]
     for modes in results.values():
         for figures in modes.values():
             assert figures["num_steps"] == 2 and figures["median_step_ms"] > 0
             assert figures["ops_per_step"] > 0 and figures["cuda_kernels_per_step"] == 0
+    switched_off = {mode: figures["switched_off_steps"] for mode, figures in results["ngram"].items()}
+    assert switched_off["no drafting"] == switched_off["drafting"] == 0 and switched_off["switched off"] >= 2
     for figures in results["ngram"].values():
         rows = figures["largest_differences_from_off"]
         assert 0 < len(rows) <= step_profile.TOP_OPS and all(len(row) == 3 for row in rows)
@@ -27,7 +30,7 @@ def test_cpu_run_compares_each_engine_with_the_off_engine(tmp_path, capsys):
 
 def test_bad_input_is_one_line_and_exit_2(capsys):
     for argv, needle in ((["--spec", "ngram"], "NAME=CONFIG"), (["--spec", "x=beam"], "speculative method"),
-                         (["--max-tokens", "1"], "--max-tokens"), (["--prompt-set", "nope"], "unknown prompt set")):
+                         (["--max-tokens", "1"], "--max-tokens"), (["--profile-tokens", "1"], "--profile-tokens"), (["--prompt-set", "nope"], "unknown prompt set")):
         assert step_profile.main(argv) == 2
         err = capsys.readouterr().err
         assert needle in err and err.count("\n") == 1
