@@ -90,7 +90,9 @@ def profile_mode(engine: LLMEngine, prompt: list[int], params: SamplingParams, m
     num_steps = len(profiled)
     events = prof.key_averages()
     ops = {e.key: (e.count / num_steps, e.self_cpu_time_total / num_steps / 1e3) for e in events}
-    num_kernels = sum(e.count for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA)
+    kernels = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+    num_kernels = sum(e.count for e in kernels)
+    device_ms = sum(getattr(e, "self_device_time_total", 0.0) for e in kernels) / num_steps / 1e3
     return {
         "median_step_ms": 1e3 * statistics.median(times),
         "mean_step_ms": 1e3 * statistics.mean(times),
@@ -98,6 +100,7 @@ def profile_mode(engine: LLMEngine, prompt: list[int], params: SamplingParams, m
         "switched_off_steps": switched_off,
         "ops_per_step": sum(count for count, _ in ops.values()),
         "cuda_kernels_per_step": num_kernels / num_steps,
+        "cuda_kernel_ms_per_step": device_ms,
         "ops": {key: {"per_step": round(count, 2), "self_cpu_ms_per_step": round(ms, 4)} for key, (count, ms) in ops.items()},
     }
 
@@ -125,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--kv-cache-memory", type=float, default=1.0)
+    parser.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=ModelConfig.enforce_eager,
+                        help="--no-enforce-eager: steps replayed as CUDA graphs (on CUDA)")
     parser.add_argument("--out", default=None, help="JSON file (default: bench/results/step_profile_<device>.json)")
     args = parser.parse_args(argv)
     try:
@@ -140,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, SpecserveError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    model_config = ModelConfig(device=args.device)
+    model_config = ModelConfig(device=args.device, enforce_eager=args.enforce_eager)
     loaded = load_model(model_config)
     prompt = prompt_token_ids(loaded.tokenizer, prompt_set.prompts[0], prompt_set.chat_template)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, ignore_eos=True)
@@ -155,11 +160,11 @@ def main(argv: list[str] | None = None) -> int:
                          for mode in modes}
         del engine
     reference = results["off"]["no drafting"]
-    print(f"{'engine':<16}{'mode':<13}{'step ms (median)':>18}{'ops/step':>10}{'kernels/step':>14}")
+    print(f"{'engine':<16}{'mode':<13}{'step ms (median)':>18}{'ops/step':>10}{'kernels/step':>14}{'kernel ms':>11}")
     for name, modes in results.items():
         for mode, figures in modes.items():
             print(f"{name:<16}{mode:<13}{figures['median_step_ms']:>18.2f}{figures['ops_per_step']:>10.0f}"
-                  f"{figures['cuda_kernels_per_step']:>14.0f}")
+                  f"{figures['cuda_kernels_per_step']:>14.0f}{figures['cuda_kernel_ms_per_step']:>11.3f}")
             if name != "off":
                 figures["largest_differences_from_off"] = differences(reference, figures)
                 for key, calls, ms in figures["largest_differences_from_off"][:5]:

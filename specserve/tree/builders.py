@@ -45,11 +45,13 @@ class _GrowingTree:
         """The tree of the nodes in ``keep`` (ancestor-closed), renumbered in creation order."""
         keep = sorted(set(keep) | {0})
         index = {old: new for new, old in enumerate(keep)}
+        scores = [self.path_probs[i] for i in keep]
         tree = TokenTree(
             tuple(self.token_ids[i] for i in keep),
             tuple(-1 if i == 0 else index[self.parents[i]] for i in keep),
+            node_scores=tuple(scores),
         )
-        return tree, [self.path_probs[i] for i in keep]
+        return tree, scores
 
     def path_closure(self, nodes: list[int]) -> list[int]:
         """Every node on the paths from the root to ``nodes``, in creation order."""
@@ -171,16 +173,51 @@ def best_num_nodes(path_probs: list[float], step_cost: list[float]) -> int:
 
 
 def merge_trees(trees: list[TokenTree], max_nodes: int) -> TokenTree:
-    """One tree from several drafters' trees of the same root: identical paths deduplicated,
-    paths taken round-robin (each drafter's best first) until ``max_nodes`` draft nodes."""
+    """One tree from several drafters' trees of the same root, identical paths deduplicated,
+    at most ``max_nodes`` draft nodes.
+
+    When every tree that drafts anything carries ``node_scores``, the merge keeps the
+    ``max_nodes`` nodes of highest score, a node shared by several trees scoring its best
+    (``merge_by_score``). Otherwise paths are taken round-robin, each tree's in node order."""
     if not trees:
         raise ValueError("nothing to merge")
     root = trees[0].token_ids[0]
     if any(tree.token_ids[0] != root for tree in trees):
         raise ValueError("merged trees must share their root")
+    drafting = [tree for tree in trees if tree.num_nodes > 1]
+    if drafting and all(tree.node_scores is not None for tree in drafting):
+        return merge_by_score(drafting, max_nodes)
     per_tree = [[[tree.token_ids[i] for i in path[1:]] for path in tree.paths()] for tree in trees]
     interleaved = [paths[k] for k in range(max(map(len, per_tree))) for paths in per_tree if k < len(paths)]
     return tree_from_paths_within_budget(root, [p for p in interleaved if p], max_nodes)
+
+
+def merge_by_score(trees: list[TokenTree], max_nodes: int) -> TokenTree:
+    """The union of scored trees of one root (a node is its token path; its score the best any
+    tree gives it), cut to the ``max_nodes`` best draft nodes (ties: shallower, then first seen).
+
+    The kept set is ancestor-closed: in every tree a child scores at most its parent, so the
+    best over trees does too, and a tie goes to the shallower node."""
+    score: dict[tuple[int, ...], float] = {}
+    for tree in trees:
+        keys: list[tuple[int, ...]] = []
+        for i, (token, parent) in enumerate(zip(tree.token_ids, tree.parents)):
+            key = () if parent == -1 else keys[parent] + (token,)
+            keys.append(key)
+            score[key] = max(score.get(key, 0.0), tree.node_scores[i])
+    ranked = sorted((key for key in score if key), key=lambda key: (-score[key], len(key)))[:max_nodes]
+    inner = {key[:-1] for key in ranked}
+    leaves = [key for key in ranked if key not in inner]  # best first: the best path gets the first nodes
+    merged = TokenTree.from_paths(trees[0].token_ids[0], [list(key) for key in leaves])
+    scores = {(): 1.0} | {key: score[key] for key in ranked}
+    return TokenTree(merged.token_ids, merged.parents, node_scores=_scores_in_node_order(merged, scores))
+
+
+def _scores_in_node_order(tree: TokenTree, scores: dict[tuple[int, ...], float]) -> tuple[float, ...]:
+    keys: list[tuple[int, ...]] = []
+    for token, parent in zip(tree.token_ids, tree.parents):
+        keys.append(() if parent == -1 else keys[parent] + (token,))
+    return tuple(scores[key] for key in keys)
 
 
 def tree_from_paths_within_budget(root: int, paths: list[list[int]], max_nodes: int) -> TokenTree:

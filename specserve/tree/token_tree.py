@@ -11,6 +11,10 @@ token from, over the vocabulary: [num_nodes, vocab_size], row 0 unused. A tree w
 was built deterministically (top-k / greedy expansion): each guess counts as a point mass,
 which multi-step speculative sampling handles exactly.
 
+``node_scores`` (optional) is the drafter's estimate of each node's chance of acceptance, its
+path probability (the product of the draft probabilities from the root; 1.0 for the root).
+Only tree merging reads it; a child never scores above its parent.
+
 A prefill chunk is a chain (parents[i] == i - 1); a plain decode step is the root alone.
 """
 
@@ -26,6 +30,7 @@ class TokenTree:
     token_ids: tuple[int, ...]
     parents: tuple[int, ...]
     draft_probs: torch.Tensor | None = field(default=None, compare=False)  # [num_nodes, vocab]
+    node_scores: tuple[float, ...] | None = field(default=None, compare=False)  # [num_nodes]
 
     def __post_init__(self) -> None:
         if len(self.token_ids) == 0:
@@ -41,6 +46,8 @@ class TokenTree:
                 raise ValueError(f"node {i} has parent {parent}: parents must come first")
         if self.draft_probs is not None and self.draft_probs.shape[0] != len(self.token_ids):
             raise ValueError("draft_probs needs one row per node")
+        if self.node_scores is not None and len(self.node_scores) != len(self.token_ids):
+            raise ValueError("node_scores needs one score per node")
 
     @classmethod
     def chain(cls, token_ids: list[int] | tuple[int, ...]) -> TokenTree:

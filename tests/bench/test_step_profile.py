@@ -19,7 +19,7 @@ def test_cpu_run_compares_each_engine_with_the_off_engine(tmp_path, capsys):
     for modes in results.values():
         for figures in modes.values():
             assert figures["num_steps"] == 2 and figures["median_step_ms"] > 0
-            assert figures["ops_per_step"] > 0 and figures["cuda_kernels_per_step"] == 0
+            assert figures["ops_per_step"] > 0 and figures["cuda_kernels_per_step"] == figures["cuda_kernel_ms_per_step"] == 0
     switched_off = {mode: figures["switched_off_steps"] for mode, figures in results["ngram"].items()}
     assert switched_off["no drafting"] == switched_off["drafting"] == 0 and switched_off["switched off"] >= 2
     for figures in results["ngram"].values():

@@ -94,6 +94,58 @@ def test_merge_deduplicates_identical_paths_round_robin():
         merge_trees([a, TokenTree((9,), (-1,))], 4)
 
 
+def scored(paths: list[list[int]], probs: dict[tuple[int, ...], float]) -> TokenTree:
+    """A tree of root 1 whose node scores are the products of ``probs`` along each path."""
+    tree = TokenTree.from_paths(1, paths)
+    keys, scores = [], []
+    for token, parent in zip(tree.token_ids, tree.parents):
+        keys.append(() if parent == -1 else keys[parent] + (token,))
+        scores.append(1.0 if parent == -1 else scores[parent] * probs[keys[-1]])
+    return TokenTree(tree.token_ids, tree.parents, node_scores=tuple(scores))
+
+
+def test_merge_of_scored_trees_keeps_the_best_nodes_of_the_union():
+    # a, in a dynamic builder's creation order: shallow doubts first, then a deep confident chain
+    a = scored([[4], [8], [2, 3, 5, 7]], {(2,): 0.9, (2, 3): 0.9, (2, 3, 5): 0.9, (2, 3, 5, 7): 0.9,
+                                          (4,): 0.05, (8,): 0.04})
+    b = scored([[6, 9], [2, 3]], {(6,): 0.6, (6, 9): 0.5, (2,): 0.3, (2, 3): 0.5})
+    merged = merge_trees([a, b], max_nodes=6)
+    # scores: 2 .9, 2-3 .81, 2-3-5 .729, 2-3-5-7 .6561, 6 .6, 6-9 .3; 4 (.05) and 8 (.04) cut
+    assert merged == TokenTree.from_paths(1, [[2, 3, 5, 7], [6, 9]])
+    assert merged.node_scores == pytest.approx((1.0, 0.9, 0.81, 0.729, 0.6561, 0.6, 0.3))
+    # without scores, paths go round-robin in node order: 4, then 6-9, then 8, then 2-3
+    unscored = [TokenTree(t.token_ids, t.parents) for t in (a, b)]
+    assert merge_trees(unscored, max_nodes=6) == TokenTree.from_paths(1, [[4], [6, 9], [8], [2, 3]])
+    assert merge_trees([a, b], max_nodes=5) == TokenTree.from_paths(1, [[2, 3, 5, 7], [6]])
+    assert merge_trees([a, b], max_nodes=0) == TokenTree((1,), (-1,))
+
+
+def test_merge_by_score_takes_a_shared_node_at_its_best_score():
+    a = scored([[2], [3]], {(2,): 0.2, (3,): 0.5})
+    b = scored([[2]], {(2,): 0.9})
+    assert merge_trees([a, b], max_nodes=1) == TokenTree.from_paths(1, [[2]])
+    assert merge_trees([a, b], max_nodes=1).node_scores == (1.0, 0.9)
+
+
+def test_merge_falls_back_to_round_robin_paths_when_a_tree_has_no_scores():
+    a = scored([[2, 3, 5]], {(2,): 0.9, (2, 3): 0.9, (2, 3, 5): 0.9})
+    plain = TokenTree.from_paths(1, [[4, 6]])
+    merged = merge_trees([a, plain], max_nodes=3)
+    assert merged == TokenTree.from_paths(1, [[2, 3, 5]]) and merged.node_scores is None
+    # a root-only tree (a drafter with nothing to say) does not turn the scores off
+    assert merge_trees([a, TokenTree((1,), (-1,))], max_nodes=2) == TokenTree.from_paths(1, [[2, 3]])
+
+
+def test_builders_attach_path_probabilities_as_node_scores():
+    builder = DynamicTreeBuilder([1], top_k=2, max_nodes=[3], max_depths=[2])
+    builder.extend([[[(2, 0.6), (3, 0.3)]]])
+    builder.extend([[[(4, 0.5), (5, 0.1)], [(6, 0.9), (7, 0.1)]]])
+    tree = builder.trees()[0]
+    # best three of 2 (.6), 3 (.3), 2-4 (.3), 2-5 (.06), 3-6 (.27), 3-7 (.03): 2, 3, 2-4
+    assert tree == TokenTree((1, 2, 3, 4), (-1, 0, 0, 1))  # creation order
+    assert tree.node_scores == pytest.approx((1.0, 0.6, 0.3, 0.3))
+
+
 def test_paths_within_budget_cut_the_last_path():
     tree = tree_from_paths_within_budget(1, [[2, 3], [2, 4, 5, 6]], max_nodes=4)
     assert tree == TokenTree.from_paths(1, [[2, 3], [2, 4, 5]])  # 4 draft nodes: 2, 3, 4, 5
