@@ -93,6 +93,9 @@ class LLMEngine:
         device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu{torch.get_num_threads()}"
         dtype = str(self.loaded.dtype).removeprefix("torch.")
         mode = "eager" if self.graph_buckets is None else "graphs"  # the two cost curves differ by 10x
+        residency = self.loaded.residency  # an offloaded model's passes cost what its copies cost
+        if residency is not None:
+            mode += f"-resident{residency.num_resident}of{self.loaded.arch.num_layers}"
         tag = f"{device_name}-{self.loaded.name}-{dtype}-bs{self.config.cache.block_size}-{mode}".replace(" ", "_")
         # sizes up to twice a full tree; the context shrinks to fit small models and pools
         room = min(self.max_model_len, self.num_kv_tokens)

@@ -38,6 +38,7 @@ class AttentionBackend:
     fn: Callable[..., torch.Tensor]
     needs_dense_plan: bool = False
     compiles: bool = False  # Triton on CUDA: compile its variants at start-up (``warm_up``)
+    fused_ops: bool = False  # the model's layers use the fused Triton kernels (norm, rope + K/V write, silu-mul)
 
     def warm_up(self, cfg, block_size: int, max_context_len: int, dtype: torch.dtype, device: torch.device) -> int:
         """Compile every kernel variant the engine's steps can need (none off CUDA); the count."""
@@ -68,7 +69,7 @@ def _dense(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.
 
 
 BACKENDS = {
-    "triton": AttentionBackend("triton", _triton, compiles=True),
+    "triton": AttentionBackend("triton", _triton, compiles=True, fused_ops=True),
     "dense": AttentionBackend("dense", _dense, needs_dense_plan=True),
     "reference": AttentionBackend("reference", _reference),
 }

@@ -5,6 +5,10 @@ passed in (Triton kernel or PyTorch reference), never looked up from global stat
 
 Parameter names follow transformers' checkpoints, except that q/k/v and gate/up are fused
 (``qkv_proj`` = cat(q, k, v), ``gate_up_proj`` = cat(gate, up)) to launch fewer kernels.
+With an attention backend whose ``fused_ops`` is set (Triton on CUDA), RMSNorm, rope with the
+K/V write, and silu(gate) * up each run as one kernel (``kernels/rms_norm.py``, ``rope_kv.py``,
+``silu_mul.py``) instead of the ~45 small PyTorch kernels a layer launches otherwise; the
+PyTorch ops below are those kernels' references.
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.rms_norm import rms_norm
+from kernels.rope_kv import rope_kv
+from kernels.silu_mul import silu_mul
 from specserve.models.attention import AttentionBackend, AttentionMetadata, write_kv
 from specserve.models.config import LlamaArchConfig
 from specserve.models.rope import apply_rope, rope_cos_sin
@@ -26,7 +33,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        if fused:
+            return rms_norm(x, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
@@ -39,6 +48,7 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=cfg.o_proj_bias)
         self.scale = cfg.head_dim**-0.5
+        self.rope_kv_fusable = cfg.head_dim & (cfg.head_dim - 1) == 0  # the fused kernel's condition
 
     def forward(
         self,
@@ -49,12 +59,15 @@ class LlamaAttention(nn.Module):
         attention: AttentionBackend,
     ) -> torch.Tensor:
         cfg = self.cfg
-        q, k, v = self.qkv_proj(hidden).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-        q = apply_rope(q.view(-1, cfg.num_heads, cfg.head_dim), cos_sin)
-        k = apply_rope(k.view(-1, cfg.num_kv_heads, cfg.head_dim), cos_sin)
-        v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
         k_cache, v_cache = kv_cache[0], kv_cache[1]
-        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        qkv = self.qkv_proj(hidden)
+        if attention.fused_ops and self.rope_kv_fusable:
+            q = rope_kv(qkv, cos_sin, k_cache, v_cache, meta.slot_mapping, cfg.num_heads, cfg.num_kv_heads)
+        else:
+            q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+            q = apply_rope(q.view(-1, cfg.num_heads, cfg.head_dim), cos_sin)
+            k = apply_rope(k.view(-1, cfg.num_kv_heads, cfg.head_dim), cos_sin)
+            write_kv(k_cache, v_cache, k, v.view(-1, cfg.num_kv_heads, cfg.head_dim), meta.slot_mapping)
         out = attention.fn(q, k_cache, v_cache, meta, self.scale)
         return self.o_proj(out.reshape(-1, cfg.q_size))
 
@@ -65,8 +78,11 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        gate_up = self.gate_up_proj(x)
+        if fused:
+            return self.down_proj(silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -79,8 +95,9 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(cfg)
 
     def forward(self, hidden, cos_sin, kv_cache, meta, attention) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos_sin, kv_cache, meta, attention)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        fused = attention.fused_ops
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden, fused), cos_sin, kv_cache, meta, attention)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden, fused), fused)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -133,7 +150,7 @@ class LlamaForCausalLM(nn.Module):
         cos_sin = self.cos_sin[positions]
         for layer, kv_cache in zip(self.layer_sequence(num_layers or self.cfg.num_layers), kv_caches):
             hidden = layer(hidden, cos_sin, kv_cache, meta, self.attention)
-        return self.norm(hidden)
+        return self.norm(hidden, self.attention.fused_ops)
 
     def layer_sequence(self, num_layers: int) -> Iterator[Callable[..., torch.Tensor]]:
         """The first ``num_layers`` decoder layers, in order, each callable as

@@ -19,14 +19,6 @@ def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
     return ((ours - theirs).abs().max() / theirs.abs().max()).item()
 
 
-@pytest.fixture(scope="module")
-def tokenizer_files(smollm, tmp_path_factory):
-    """A tokenizer to place beside tiny checkpoints (the loader wants one; ids stay < 128 here)."""
-    folder = tmp_path_factory.mktemp("tok")
-    smollm.tokenizer.save_pretrained(str(folder))
-    return folder
-
-
 def save_with_tokenizer(model, folder, tokenizer_files, max_shard_size=None):
     save_tiny(model, folder, max_shard_size)
     for file in tokenizer_files.iterdir():

@@ -88,3 +88,15 @@ def test_gpu_offloaded_graphs_equal_eager_and_resident():
         ours = engine.generate(prompts, params)
         assert engine.runner.graphs is not None and engine.runner.graphs.num_captured > 0
         assert [o.token_ids for o in ours] == [o.token_ids for o in ref]
+
+
+def test_offloaded_cost_curve_is_cached_apart_from_the_resident_one(smollm, offloaded, tmp_path, monkeypatch):
+    """A pass of an offloaded model costs its copies: its cost curve must not be read back for the
+    resident model (or the other way round), whose curve climbs with the tree size."""
+    monkeypatch.setenv("SPECSERVE_CACHE_DIR", str(tmp_path))
+    spec = SpeculativeConfig(method="ngram", max_tree_tokens=2)
+    for loaded in (smollm, offloaded):
+        LLMEngine(EngineConfig(cache=CacheConfig(num_blocks=64), speculative=spec), loaded=loaded)
+    files = sorted(p.name for p in (tmp_path / "calibration").iterdir())
+    resident = offloaded.residency.num_resident
+    assert len(files) == 2 and sum(f"-eager-resident{resident}of30-" in name for name in files) == 1, files
