@@ -33,8 +33,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="with --offload: GB of weights that stay on the GPU (default: none)")
     group.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction,
                        default=ModelConfig.enforce_eager,
-                       help="run every forward eagerly; --no-enforce-eager replays CUDA graphs of "
-                            "decode and verify steps (CUDA only)")
+                       help="run every forward eagerly (default: decode and verify steps replay "
+                            "CUDA graphs on CUDA)")
     group.add_argument(
         "--speculative-config", default=None,
         help="'off', a method name (ngram), or JSON, e.g. '{\"method\": \"ngram\", \"max_tree_tokens\": 16}'",

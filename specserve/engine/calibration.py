@@ -20,7 +20,7 @@ import torch
 from specserve.engine.model_runner import ModelRunner, TreeBatchItem
 from specserve.tree import TokenTree
 
-CALIBRATION_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+CALIBRATION_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 CALIBRATION_CONTEXT = 256
 
 

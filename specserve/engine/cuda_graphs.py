@@ -84,6 +84,16 @@ class GraphBuckets:
         tokens = next((t for t in self.token_sizes if t >= num_tokens), None)
         return None if seqs is None or tokens is None else (seqs, tokens)
 
+    def fit_trees(self, num_prefill_tokens: int, tree_slots: list[int]) -> list[int]:
+        """Decode trees' token budgets (root included) capped at an equal share of what the
+        largest token bucket leaves after the prefill tokens, never below 1 (the root): a batch of
+        trees past the largest bucket would run eagerly, about 10x a graph step's cost on a GPU,
+        so the tree budget shrinks as the batch grows."""
+        if not tree_slots:
+            return []
+        share = max(1, (self.token_sizes[-1] - num_prefill_tokens) // len(tree_slots))
+        return [min(slots, share) for slots in tree_slots]
+
 
 def graph_buckets_for(config: EngineConfig, loaded: LoadedModel) -> GraphBuckets | None:
     """The engine's buckets, or None (every forward eager) with --enforce-eager, off CUDA or with

@@ -30,7 +30,7 @@ from specserve.engine.detokenizer import IncrementalDetokenizer
 from specserve.engine.drafters import drafter_kv_layers, make_drafter
 from specserve.engine.model_runner import ModelRunner, TreeBatchItem
 from specserve.engine.outputs import RequestOutput, StepStats
-from specserve.engine.scheduler import Scheduler
+from specserve.engine.scheduler import ScheduledSequence, Scheduler
 from specserve.engine.sequence import NO_SPECULATION, Sequence, SequenceStatus
 from specserve.engine.speculative import accept, commit, propose, verify
 from specserve.engine.switch_off import AcceptancePrior, DraftStep, SwitchOff
@@ -97,9 +97,13 @@ class LLMEngine:
         if residency is not None:
             mode += f"-resident{residency.num_resident}of{self.loaded.arch.num_layers}"
         tag = f"{device_name}-{self.loaded.name}-{dtype}-bs{self.config.cache.block_size}-{mode}".replace(" ", "_")
-        # sizes up to twice a full tree; the context shrinks to fit small models and pools
+        # sizes up to twice a full tree, and with graphs up to the largest graph step (what a batch
+        # of trees can reach); the context shrinks to fit small models and pools
         room = min(self.max_model_len, self.num_kv_tokens)
-        sizes = tuple(n for n in CALIBRATION_SIZES if n <= max(2, min(2 * (1 + spec.max_tree_tokens), room // 2)))
+        largest = 2 * (1 + spec.max_tree_tokens)
+        if self.graph_buckets is not None:
+            largest = max(largest, self.graph_buckets.token_sizes[-1])
+        sizes = tuple(n for n in CALIBRATION_SIZES if n <= max(2, min(largest, room // 2)))
         context_len = min(CALIBRATION_CONTEXT, room - sizes[-1])
         suffix = "" if context_len == CALIBRATION_CONTEXT else f"-ctx{context_len}"
         cache_file = cache_root() / "calibration" / f"{tag}-{sizes[-1]}{suffix}.json"
@@ -244,7 +248,7 @@ class LLMEngine:
             items.append(TreeBatchItem(s.seq.request_id, s.seq.num_computed, TokenTree.chain(chunk)))
         decode_seqs = [s.seq for s in decodes]
         draft_start = time.perf_counter()
-        trees = propose(self.drafter, decode_seqs, [s.num_slots for s in decodes])
+        trees = propose(self.drafter, decode_seqs, self._tree_slots(prefills, decodes))
         verify_start = time.perf_counter()
         items += [TreeBatchItem(seq.request_id, seq.num_computed, tree) for seq, tree in zip(decode_seqs, trees)]
 
@@ -325,6 +329,14 @@ class LLMEngine:
             total_s=time.perf_counter() - step_start,
         )
         return outputs
+
+    def _tree_slots(self, prefills: list[ScheduledSequence], decodes: list[ScheduledSequence]) -> list[int]:
+        """Tokens each decode sequence's tree may hold this step: its scheduled slots, with CUDA
+        graphs capped so that the step still replays a graph (``GraphBuckets.fit_trees``)."""
+        slots = [s.num_slots for s in decodes]
+        if self.graph_buckets is None:
+            return slots
+        return self.graph_buckets.fit_trees(sum(s.num_slots for s in prefills), slots)
 
     def _output(
         self, seq: Sequence, new_tokens: list[int], text_ends: list[int] | None = None,

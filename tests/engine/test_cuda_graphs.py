@@ -100,6 +100,17 @@ def test_buckets_take_the_smallest_fitting_shape():
     assert BUCKETS.bucket(2, 4, 9) is None  # a context past the table width
 
 
+def test_tree_budgets_shrink_as_the_batch_grows_to_stay_in_the_largest_bucket():
+    # largest bucket: 16 tokens
+    assert BUCKETS.fit_trees(0, [9]) == [9]  # one tree of 9 fits
+    assert BUCKETS.fit_trees(0, [9, 9]) == [8, 8]
+    assert BUCKETS.fit_trees(0, [9, 3, 9]) == [5, 3, 5]  # a small tree keeps its size (no re-share)
+    assert BUCKETS.fit_trees(6, [9, 9]) == [5, 5]  # a prefill chunk's tokens come first
+    assert BUCKETS.fit_trees(0, [9] * 20) == [1] * 20  # past one token each: roots only, no drafts
+    assert BUCKETS.fit_trees(30, [4]) == [1]
+    assert BUCKETS.fit_trees(3, []) == []
+
+
 def test_pack_step_pads_to_the_bucket_with_the_dummy_block():
     layout = StaticLayout(max_num_tokens=8, max_num_rows=5, max_num_blocks=3)
     buffer = np.full(layout.size, -7, dtype=np.int32)  # stale values from an earlier step
@@ -209,7 +220,7 @@ def test_kernel_real_rows_ignore_padding_under_one_launch_config():
 def test_enforce_eager_flag_and_where_graphs_apply(model):
     parser = argparse.ArgumentParser()
     add_engine_args(parser)
-    assert engine_config_from_args(parser.parse_args([])).model.enforce_eager is ModelConfig.enforce_eager
+    assert engine_config_from_args(parser.parse_args([])).model.enforce_eager is ModelConfig.enforce_eager is False
     assert engine_config_from_args(parser.parse_args(["--enforce-eager"])).model.enforce_eager is True
     assert engine_config_from_args(parser.parse_args(["--no-enforce-eager"])).model.enforce_eager is False
     loaded = LoadedModel(model, None, ARCH, "tiny", torch.device("cpu"), torch.float32, 256, ())
