@@ -38,3 +38,11 @@ def smollm_gguf_path():
     from specserve.models.source import default_model_path
 
     return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def tokenizer_files(smollm, tmp_path_factory):
+    """A tokenizer to place beside tiny checkpoints (the loader wants one; ids stay < 128 there)."""
+    folder = tmp_path_factory.mktemp("tok")
+    smollm.tokenizer.save_pretrained(str(folder))
+    return folder

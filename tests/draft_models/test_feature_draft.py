@@ -26,7 +26,7 @@ from specserve.config import (
 from specserve.engine.llm_engine import LLMEngine
 from specserve.errors import SpecserveError
 from specserve.models.loader import load_model
-from tests.models.test_llama_vs_transformers import save_with_tokenizer, tokenizer_files  # noqa: F401
+from tests.models.test_llama_vs_transformers import save_with_tokenizer
 from tests.models.tiny import tiny_hf_model
 
 SPEC = DraftSpec(num_layers=1, feature_input=True)

@@ -14,7 +14,7 @@ from specserve.config import (
 )
 from specserve.engine.llm_engine import LLMEngine
 from specserve.models.loader import load_model
-from tests.models.test_llama_vs_transformers import save_with_tokenizer, tokenizer_files  # noqa: F401
+from tests.models.test_llama_vs_transformers import save_with_tokenizer
 from tests.models.tiny import tiny_hf_model
 
 CHAIN = SpeculativeConfig(method="early_exit", max_tree_tokens=4, max_depth=4, widths=(1, 1, 1, 1))
