@@ -1,6 +1,7 @@
 """On CUDA: replayed graphs equal the same padded forward run eagerly (exactly, fp32 and bf16),
 the replay path never synchronises with the host, and the engine's greedy output with graphs
-equals eager in fp32 (bf16: the fraction of equal tokens is printed). Skipped without a GPU.
+equals eager in fp32 (bf16: the fraction of equal tokens is printed, and the streams must part
+at near-ties, ``near_ties.py``). Skipped without a GPU.
 
     pytest -m gpu -s tests/engine/test_cuda_graphs_gpu.py
 """
@@ -23,6 +24,7 @@ from specserve.engine.model_runner import ModelRunner, TreeBatchItem
 from specserve.engine.prompts import chat_prompt_ids
 from specserve.models.loader import load_model
 from specserve.tree import TokenTree
+from tests.engine.near_ties import NEAR_TIE, first_divergence_gaps
 from tests.engine.prompts import PROMPTS
 
 pytestmark = pytest.mark.gpu
@@ -99,13 +101,16 @@ def test_the_replay_path_never_synchronises(loaded):
     assert logits.shape == (3, loaded.arch.vocab_size)
 
 
+def chat_prompts(loaded):
+    return [chat_prompt_ids(loaded.tokenizer, [{"role": "user", "content": p}]) for p in PROMPTS]
+
+
 def generate(loaded, enforce_eager, speculative=None):
     config = EngineConfig(model=ModelConfig(device="cuda", enforce_eager=enforce_eager),
                           cache=CacheConfig(num_blocks=2048), speculative=speculative or SpeculativeConfig())
     engine = LLMEngine(config, loaded=loaded)
     assert (engine.graph_buckets is None) == enforce_eager
-    prompts = [chat_prompt_ids(loaded.tokenizer, [{"role": "user", "content": p}]) for p in PROMPTS]
-    return [o.token_ids for o in engine.generate(prompts, GREEDY)]
+    return [o.token_ids for o in engine.generate(chat_prompts(loaded), GREEDY)]
 
 
 @pytest.mark.parametrize("spec", [
@@ -122,3 +127,6 @@ def test_engine_greedy_output_with_graphs_equals_eager(loaded, spec):
           f"{sum(x == y for x, y in zip(eager, graphs))}/{len(eager)} outputs identical")
     if loaded.dtype == torch.float32:
         assert graphs == eager
+    gaps = first_divergence_gaps(loaded.model, chat_prompts(loaded), eager, graphs)
+    print(f"logit gaps where the streams part: {[round(g, 3) for g in gaps]}")
+    assert all(gap <= NEAR_TIE for gap in gaps)
