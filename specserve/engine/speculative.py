@@ -21,7 +21,7 @@ from specserve.cache.kv_cache_manager import KVCacheManager
 from specserve.engine.sampler import shape_logits, target_probs
 from specserve.engine.sequence import Sequence
 from specserve.tree import TokenTree
-from specserve.tree.verify import VerifyResult, verify_greedy, verify_mss
+from specserve.tree.verify import VerifyResult, verify_greedy, verify_mss_batch
 
 
 def propose(drafter: Drafter | None, seqs: list[Sequence], num_slots: list[int]) -> list[TokenTree]:
@@ -63,21 +63,28 @@ def verify(seqs: list[Sequence], trees: list[TokenTree], logits: torch.Tensor) -
     the processed argmax and MSS judges the drafts against the processed distribution: the
     output law is plain sampling's with the same controls.
     """
-    results: list[VerifyResult] = []
+    results: list[VerifyResult | None] = [None] * len(seqs)
     argmax = None
+    sampled: list[int] = []  # sequences verified by MSS, all in one batch (one host read per round)
+    sampled_probs: list[torch.Tensor] = []
     start = 0
-    for seq, tree in zip(seqs, trees):
+    for i, (seq, tree) in enumerate(zip(seqs, trees)):
         rows = logits[start : start + tree.num_nodes]
         start += tree.num_nodes
         if seq.params.greedy and not seq.params.shifts_logits:
             if argmax is None:
                 argmax = logits.argmax(dim=-1).tolist()  # one host read for every plain greedy sequence
-            results.append(verify_greedy(tree, argmax[start - tree.num_nodes : start]))
+            results[i] = verify_greedy(tree, argmax[start - tree.num_nodes : start])
         elif seq.params.greedy:
-            results.append(verify_greedy(tree, target_logits(seq, tree, rows).argmax(dim=-1)))
+            results[i] = verify_greedy(tree, target_logits(seq, tree, rows).argmax(dim=-1))
         else:
-            probs = target_probs(target_logits(seq, tree, rows), seq.params)
-            results.append(verify_mss(tree, probs, seq.generator))
+            sampled.append(i)
+            sampled_probs.append(target_probs(target_logits(seq, tree, rows), seq.params))
+    if sampled:  # per-sequence generators: each result is the one verify_mss would give it alone
+        batch = verify_mss_batch([trees[i] for i in sampled], torch.cat(sampled_probs),
+                                 [seqs[i].generator for i in sampled])
+        for i, result in zip(sampled, batch):
+            results[i] = result
     return results
 
 
