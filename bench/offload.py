@@ -105,21 +105,24 @@ def make_engine(loaded: LoadedModel, graphs: bool, kv_gb: float, spec: Speculati
 def decode_run(loaded: LoadedModel, spec: SpeculativeConfig, prompts: list[list[int]], max_tokens: int,
                graphs: bool) -> dict:
     """Greedy decoding of prompts[1:] one at a time (prompts[0] warms up): tokens/s, accepted
-    length, and the drafting seconds per decode step (what an estimate for another target
+    length, and the mean drafting seconds per decode step (what an estimate for another target
     must add to its pass time)."""
     engine = make_engine(loaded, graphs, 1.0, spec)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     engine.generate(prompts[:1], params)  # warm-up
-    outs, draft_s, num_steps = [], 0.0, 0
+    outs, draft_s, num_decode_steps = [], 0.0, 0
     sync()
     start = time.perf_counter()
     for prompt in prompts[1:]:
         engine.add_request(prompt, params)
         while engine.has_unfinished():
-            outs += [o for o in engine.step() if o.finished]
-            if engine.last_step is not None and engine.last_step.num_draft_tokens:
-                draft_s += engine.last_step.draft_s
-            num_steps += 1
+            step_outs = engine.step()
+            outs += [o for o in step_outs if o.finished]
+            stats = engine.last_step
+            # a decode step's rows are its roots and drafts; a prefill step has more
+            if step_outs and stats is not None and stats.num_tokens == stats.num_seqs + stats.num_draft_tokens:
+                draft_s += stats.draft_s
+                num_decode_steps += 1
     sync()
     elapsed = time.perf_counter() - start
     tokens = sum(o.num_generated_tokens for o in outs)
@@ -129,7 +132,7 @@ def decode_run(loaded: LoadedModel, spec: SpeculativeConfig, prompts: list[list[
         "tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed,
         "ms_per_token": 1000 * elapsed / tokens,
         "mean_accepted_length": 1 + sum(o.num_accepted_tokens for o in outs) / steps if steps else 1.0,
-        "draft_s_per_step": draft_s / num_steps,
+        "draft_s_per_step": draft_s / max(1, num_decode_steps),
         "token_ids": [o.token_ids for o in outs],
     }
 

@@ -73,7 +73,8 @@ def run_request(engine: LLMEngine, prompt: list[int], params: SamplingParams, mo
         outputs = engine.step()
         sync()
         times.append(time.perf_counter() - start)
-        switched_off = outputs[0].num_switched_off_steps
+        if outputs:
+            switched_off = outputs[0].num_switched_off_steps
     return times, switched_off
 
 

@@ -32,7 +32,7 @@ def _rms_norm_kernel(
     hidden_size, eps,
     BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden_size
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
@@ -47,8 +47,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if x.dim() != 2 or x.stride(-1) != 1:
         raise ValueError(f"rms_norm wants x [num_tokens, hidden_size] with a contiguous last dim, not {tuple(x.shape)}")
     num_tokens, hidden_size = x.shape
-    if weight.shape != (hidden_size,) or weight.dtype != x.dtype:
-        raise ValueError(f"rms_norm wants weight [{hidden_size}] in {x.dtype}, not {tuple(weight.shape)} {weight.dtype}")
+    if weight.shape != (hidden_size,) or weight.dtype != x.dtype or weight.stride(0) != 1:
+        raise ValueError(f"rms_norm wants a contiguous weight [{hidden_size}] in {x.dtype}, "
+                         f"not {tuple(weight.shape)} {weight.dtype}")
     if hidden_size > MAX_HIDDEN_SIZE:
         raise ValueError(f"rms_norm handles hidden sizes up to {MAX_HIDDEN_SIZE}, not {hidden_size}")
     y = torch.empty_like(x)

@@ -2,10 +2,10 @@
 (instead of about twenty: rotating q, rotating k, two scatters).
 
     qkv          [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim]   qkv_proj's output: q | k | v
-    cos_sin      [num_tokens, head_dim] float32     cos in the first half, sin in the second
+    cos_sin      [num_tokens, head_dim] floats      cos in the first half, sin in the second
     k_cache      [num_blocks, block_size, num_kv_heads, head_dim]  (output: rotated k at each slot)
     v_cache      [num_blocks, block_size, num_kv_heads, head_dim]  (output: v at each slot)
-    slot_mapping [num_tokens] int64                 block_id * block_size + offset
+    slot_mapping [num_tokens] int64, contiguous     block_id * block_size + offset
     returns q    [num_tokens, num_heads, head_dim]  rotated, qkv's dtype
 
 "Rotate half" layout (transformers' Llama): x = (x1 | x2) -> (x1 cos - x2 sin | x2 cos + x1 sin),
@@ -48,12 +48,12 @@ def _rope_kv_kernel(
     stride_qkv, stride_cs, stride_slot, stride_q_tok,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
-    token = tl.program_id(0)
+    token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     half: tl.constexpr = HEAD_DIM // 2
     d = tl.arange(0, half)
-    cos = tl.load(COS_SIN + token * stride_cs + d)
-    sin = tl.load(COS_SIN + token * stride_cs + half + d)
+    cos = tl.load(COS_SIN + token * stride_cs + d).to(tl.float32)
+    sin = tl.load(COS_SIN + token * stride_cs + half + d).to(tl.float32)
     src = QKV + token * stride_qkv + head * HEAD_DIM  # q heads, then k heads: consecutive in qkv
     x1 = tl.load(src + d).to(tl.float32)
     x2 = tl.load(src + half + d).to(tl.float32)
@@ -91,8 +91,10 @@ def rope_kv(
     if qkv.shape != (num_tokens, (num_heads + 2 * num_kv_heads) * head_dim) or qkv.stride(-1) != 1:
         raise ValueError(f"rope_kv wants qkv [{num_tokens}, {(num_heads + 2 * num_kv_heads) * head_dim}], "
                          f"not {tuple(qkv.shape)}")
-    if cos_sin.dtype != torch.float32 or cos_sin.stride(-1) != 1 or slot_mapping.shape != (num_tokens,):
-        raise ValueError("rope_kv wants cos_sin [num_tokens, head_dim] float32 and slot_mapping [num_tokens]")
+    if not cos_sin.is_floating_point() or cos_sin.stride(-1) != 1:
+        raise ValueError("rope_kv wants cos_sin [num_tokens, head_dim] floats, the last dim contiguous")
+    if slot_mapping.shape != (num_tokens,) or slot_mapping.dtype != torch.int64 or slot_mapping.stride(0) != 1:
+        raise ValueError("rope_kv wants slot_mapping [num_tokens] int64, contiguous")
     for cache in (k_cache, v_cache):
         if cache.shape[2:] != (num_kv_heads, head_dim) or cache.stride() != k_cache.stride() or (
             cache.stride(3) != 1 or cache.stride(2) != head_dim or cache.stride(0) != cache.shape[1] * cache.stride(1)

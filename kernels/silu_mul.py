@@ -24,7 +24,7 @@ def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def _silu_mul_kernel(GU, OUT, stride_gu, stride_out, intermediate_size, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < intermediate_size
     gate = tl.load(GU + row * stride_gu + cols, mask=mask, other=0.0).to(tl.float32)

@@ -242,7 +242,8 @@ class SpeculativeConfig:
 
     method           drafter: "ngram" (prompt lookup), "early_exit" (the target's first
                      ``num_layers`` layers, its norm and head), "draft" (a small trained model,
-                     ``draft_model``), "merge" (the trees of ``merge`` drafters merged into one;
+                     ``draft_model``), "merge" (the trees of ``merge`` drafters merged into one,
+                     by path probability when every member gives one, else paths round-robin;
                      entries: ngram, early_exit, draft, or draft:NAME for several trained drafts)
     max_tree_tokens  cap on draft nodes per sequence per step (the root not counted)
     max_depth        cap on the tree's depth (draft tokens on one path)

@@ -86,12 +86,13 @@ class GraphBuckets:
 
     def fit_trees(self, num_prefill_tokens: int, tree_slots: list[int]) -> list[int]:
         """Decode trees' token budgets (root included) capped at an equal share of what the
-        largest token bucket leaves after the prefill tokens, never below 1 (the root): a batch of
-        trees past the largest bucket would run eagerly, about 10x a graph step's cost on a GPU,
-        so the tree budget shrinks as the batch grows."""
-        if not tree_slots:
-            return []
-        share = max(1, (self.token_sizes[-1] - num_prefill_tokens) // len(tree_slots))
+        largest token bucket leaves after the prefill tokens: a batch of trees past the largest
+        bucket would run eagerly, about 10x a graph step's cost on a GPU, so the tree budget
+        shrinks as the batch grows. A step that cannot fit even with roots only (a long prefill
+        chunk rides in it) runs eagerly anyway and keeps its budgets."""
+        if num_prefill_tokens + len(tree_slots) > self.token_sizes[-1]:
+            return list(tree_slots)
+        share = (self.token_sizes[-1] - num_prefill_tokens) // len(tree_slots) if tree_slots else 0
         return [min(slots, share) for slots in tree_slots]
 
 

@@ -85,6 +85,7 @@ def verify(seqs: list[Sequence], trees: list[TokenTree], logits: torch.Tensor) -
                                  [seqs[i].generator for i in sampled])
         for i, result in zip(sampled, batch):
             results[i] = result
+    assert all(result is not None for result in results)  # every sequence got its result above
     return results
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.rms_norm import rms_norm
+from kernels.rms_norm import MAX_HIDDEN_SIZE, rms_norm
 from kernels.rope_kv import rope_kv
 from kernels.silu_mul import silu_mul
 from specserve.models.attention import AttentionBackend, AttentionMetadata, write_kv
@@ -34,7 +34,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
-        if fused:
+        if fused and x.shape[-1] <= MAX_HIDDEN_SIZE:
             return rms_norm(x, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)

@@ -41,17 +41,16 @@ class _GrowingTree:
         self.path_probs.append(self.path_probs[parent] * prob)
         return len(self.token_ids) - 1
 
-    def subtree(self, keep: list[int]) -> tuple[TokenTree, list[float]]:
-        """The tree of the nodes in ``keep`` (ancestor-closed), renumbered in creation order."""
+    def subtree(self, keep: list[int]) -> TokenTree:
+        """The tree of the nodes in ``keep`` (ancestor-closed), renumbered in creation order, its
+        path probabilities as node scores."""
         keep = sorted(set(keep) | {0})
         index = {old: new for new, old in enumerate(keep)}
-        scores = [self.path_probs[i] for i in keep]
-        tree = TokenTree(
+        return TokenTree(
             tuple(self.token_ids[i] for i in keep),
             tuple(-1 if i == 0 else index[self.parents[i]] for i in keep),
-            node_scores=tuple(scores),
+            node_scores=tuple(self.path_probs[i] for i in keep),
         )
-        return tree, scores
 
     def path_closure(self, nodes: list[int]) -> list[int]:
         """Every node on the paths from the root to ``nodes``, in creation order."""
@@ -80,7 +79,7 @@ class _BatchBuilder:
         return self.growing[seq].path_closure(self._frontier[seq])
 
     def tree_of(self, seq: int, nodes: list[int]) -> TokenTree:
-        return self.growing[seq].subtree(nodes)[0]
+        return self.growing[seq].subtree(nodes)
 
     def ranked(self, seq: int) -> list[int]:
         """Draft nodes of one sequence, most probable first (ties: shallower, then older).
@@ -98,7 +97,7 @@ class _BatchBuilder:
         """Per sequence the tree of its ``num_nodes[s]`` most probable draft nodes (default:
         every node, up to its max_nodes)."""
         counts = num_nodes or self.max_nodes
-        return [self.growing[s].subtree(self.ranked(s)[: counts[s]])[0] for s in range(len(self.growing))]
+        return [self.growing[s].subtree(self.ranked(s)[: counts[s]]) for s in range(len(self.growing))]
 
 
 class StaticTreeBuilder(_BatchBuilder):
@@ -196,15 +195,19 @@ def merge_by_score(trees: list[TokenTree], max_nodes: int) -> TokenTree:
     """The union of scored trees of one root (a node is its token path; its score the best any
     tree gives it), cut to the ``max_nodes`` best draft nodes (ties: shallower, then first seen).
 
-    The kept set is ancestor-closed: in every tree a child scores at most its parent, so the
-    best over trees does too, and a tie goes to the shallower node."""
+    The kept set is ancestor-closed: within a tree a node's score is capped at its parent's
+    (a NaN counts as 0), so the best over trees never exceeds the parent's either, and a tie
+    goes to the shallower node."""
     score: dict[tuple[int, ...], float] = {}
     for tree in trees:
         keys: list[tuple[int, ...]] = []
+        capped: list[float] = []
         for i, (token, parent) in enumerate(zip(tree.token_ids, tree.parents)):
             key = () if parent == -1 else keys[parent] + (token,)
+            own = tree.node_scores[i] if tree.node_scores[i] == tree.node_scores[i] else 0.0  # NaN -> 0
+            capped.append(own if parent == -1 else min(own, capped[parent]))
             keys.append(key)
-            score[key] = max(score.get(key, 0.0), tree.node_scores[i])
+            score[key] = max(score.get(key, 0.0), capped[i])
     ranked = sorted((key for key in score if key), key=lambda key: (-score[key], len(key)))[:max_nodes]
     inner = {key[:-1] for key in ranked}
     leaves = [key for key in ranked if key not in inner]  # best first: the best path gets the first nodes

@@ -106,8 +106,11 @@ def test_tree_budgets_shrink_as_the_batch_grows_to_stay_in_the_largest_bucket():
     assert BUCKETS.fit_trees(0, [9, 9]) == [8, 8]
     assert BUCKETS.fit_trees(0, [9, 3, 9]) == [5, 3, 5]  # a small tree keeps its size (no re-share)
     assert BUCKETS.fit_trees(6, [9, 9]) == [5, 5]  # a prefill chunk's tokens come first
-    assert BUCKETS.fit_trees(0, [9] * 20) == [1] * 20  # past one token each: roots only, no drafts
-    assert BUCKETS.fit_trees(30, [4]) == [1]
+    assert BUCKETS.fit_trees(0, [9] * 16) == [1] * 16  # one token each: roots only, no drafts
+    # a step that cannot fit (roots alone pass the bucket) runs eagerly: budgets kept
+    assert BUCKETS.fit_trees(0, [9] * 17) == [9] * 17
+    assert BUCKETS.fit_trees(16, [4]) == [4]
+    assert BUCKETS.fit_trees(15, [4]) == [1]
     assert BUCKETS.fit_trees(3, []) == []
 
 

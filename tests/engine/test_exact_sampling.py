@@ -36,6 +36,7 @@ from specserve.engine.sampler import shape_logits, target_probs
 from specserve.engine.sequence import Sequence
 from specserve.engine.token_counts import TokenCounts
 from specserve.tree import TokenTree, verify_mss, verify_mss_batch
+from specserve.tree.verify import verify_greedy
 
 ALPHA = 1e-3
 NUM_JOINT_SAMPLES = 150_000  # two tokens, 16 cells
@@ -231,6 +232,26 @@ def test_harness_equals_the_engines_verify(name: str) -> None:
         rows = _processed(W[list(tree.token_ids)], params, counts, base.prompt_mask)
         assert verify_mss(tree, rows, torch.Generator().manual_seed(seed)) == result
     assert any(result.num_accepted_drafts > 0 for result in results)
+
+
+def test_greedy_and_sampled_sequences_in_one_verify_keep_their_own_verdicts() -> None:
+    """Greedy sequences between sampled ones: each result lands at its own sequence's index."""
+    generator = torch.Generator().manual_seed(5)
+    tokens, draft_probs = _sample_trees(torch.full((4,), GENERATED_IDS[-1]), PARENTS, PROPOSALS, generator)
+    trees = [TokenTree(tuple(row), PARENTS, probs) for row, probs in zip(tokens.tolist(), draft_probs)]
+    kinds = [SamplingParams(temperature=0.0), CONTROLS["temperature"], SamplingParams(temperature=0.0),
+             CONTROLS["temperature"]]
+    seqs = [Sequence(f"s{i}", PROMPT_IDS + GENERATED_IDS, len(PROMPT_IDS), params, torch.Generator().manual_seed(i),
+                     None, 0.0) for i, params in enumerate(kinds)]
+    logits = W[tokens].reshape(-1, VOCAB)
+    results = speculative.verify(seqs, trees, logits)
+    for i, (tree, result) in enumerate(zip(trees, results)):
+        rows = logits[i * len(PARENTS) : (i + 1) * len(PARENTS)]
+        if i % 2 == 0:
+            assert result == verify_greedy(tree, rows.argmax(-1).tolist())
+        else:
+            processed = _processed(W[list(tree.token_ids)], kinds[i], None, None)
+            assert result == verify_mss(tree, processed, torch.Generator().manual_seed(i))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,6 +37,8 @@ def test_bad_shapes_are_refused():
     x = torch.zeros(2, 8, device=DEVICE)
     with pytest.raises(ValueError, match="weight"):
         rms_norm(x, torch.ones(4, device=DEVICE), 1e-6)
+    with pytest.raises(ValueError, match="weight"):
+        rms_norm(x, torch.ones(16, device=DEVICE)[::2], 1e-6)
     with pytest.raises(ValueError, match="num_tokens, hidden_size"):
         rms_norm(x[None], torch.ones(8, device=DEVICE), 1e-6)
 

@@ -51,6 +51,20 @@ def test_bad_inputs_are_refused():
         rope_kv(qkv, cos_sin[:, :6], cache[0], cache[1], slots, 2, 1)
     with pytest.raises(ValueError, match="k_cache"):
         rope_kv(qkv, cos_sin, cache[0].transpose(0, 1), cache[1], slots, 2, 1)
+    with pytest.raises(ValueError, match="slot_mapping"):
+        rope_kv(qkv, cos_sin, cache[0], cache[1], slots.int(), 2, 1)
+    with pytest.raises(ValueError, match="slot_mapping"):
+        rope_kv(qkv, cos_sin, cache[0], cache[1], torch.stack([slots, slots], 1)[:, 0], 2, 1)
+
+
+def test_reads_qkv_rows_through_their_stride():
+    qkv, cos_sin, cache, slots = case(3, 2, 1, 8, torch.float32, 5)
+    wide = torch.zeros(3, qkv.shape[1] + 8, device=DEVICE)
+    wide[:, : qkv.shape[1]] = qkv
+    ref_cache = cache.clone()
+    q = rope_kv(wide[:, : qkv.shape[1]], cos_sin, cache[0], cache[1], slots, 2, 1)
+    torch.testing.assert_close(q, rope_kv_ref(qkv, cos_sin, ref_cache[0], ref_cache[1], slots, 2, 1))
+    torch.testing.assert_close(cache, ref_cache)
 
 
 @gpu

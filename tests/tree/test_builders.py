@@ -127,6 +127,16 @@ def test_merge_by_score_takes_a_shared_node_at_its_best_score():
     assert merge_trees([a, b], max_nodes=1).node_scores == (1.0, 0.9)
 
 
+def test_merge_by_score_caps_rising_or_nan_scores_at_the_parent_and_keeps_first_seen_on_ties():
+    rising = TokenTree((1, 2, 3, 4), (-1, 0, 1, 0), node_scores=(1.0, 0.2, 0.9, 0.2))  # 2-3 above its parent
+    broken = TokenTree((1, 5, 6), (-1, 0, 1), node_scores=(1.0, float("nan"), 0.5))
+    # capped: 2 .2, 2-3 .2, 4 .2, 5 0, 5-6 0; ties by depth, then first seen: 2, 4, 2-3
+    merged = merge_trees([rising, broken], max_nodes=2)
+    assert merged == TokenTree.from_paths(1, [[2], [4]]) and merged.node_scores == (1.0, 0.2, 0.2)
+    assert merge_trees([rising, broken], max_nodes=3) == TokenTree.from_paths(1, [[4], [2, 3]])
+    assert merge_trees([rising, broken], max_nodes=5).num_nodes == 6  # everything, ancestors first
+
+
 def test_merge_falls_back_to_round_robin_paths_when_a_tree_has_no_scores():
     a = scored([[2, 3, 5]], {(2,): 0.9, (2, 3): 0.9, (2, 3, 5): 0.9})
     plain = TokenTree.from_paths(1, [[4, 6]])
