@@ -10,15 +10,14 @@ Measured in one run, through the engine's own runner (CUDA graphs unless --enfor
   read and the bytes written;
 - the memory floor of a decode step: the weight bytes over that bandwidth;
 - decode: a 1-token step after ``--context`` cached tokens; verify: a tree of T nodes (heap
-  order, node i's parent (i - 1) // 2) after the same context; medians of ``--repeats``, each
-  ending with the host read of the step's argmax, as a real step does.
+  order, node i's parent (i - 1) // 2) after the same context; medians of ``--repeats``, timed
+  as the engine's own cost calibration times them (``calibration.measure_step_cost``).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 import sys
 import time
 
@@ -27,8 +26,8 @@ import torch
 from bench.common import environment, save_json, sync
 from bench.offload import LLAMA3_8B
 from specserve.config import CacheConfig, EngineConfig, ModelConfig
+from specserve.engine.calibration import measure_step_cost
 from specserve.engine.llm_engine import LLMEngine
-from specserve.engine.model_runner import TreeBatchItem
 from specserve.models.loader import LoadedModel, random_model
 from specserve.tree import TokenTree
 
@@ -57,28 +56,6 @@ def heap_tree(num_nodes: int) -> TokenTree:
     return TokenTree(tuple([1] * num_nodes), tuple((i - 1) // 2 if i else -1 for i in range(num_nodes)))
 
 
-def step_seconds(engine: LLMEngine, context: int, num_nodes: int, repeats: int) -> float:
-    """Median seconds of one step verifying ``heap_tree(num_nodes)`` after ``context`` cached tokens."""
-    manager, runner = engine.kv_manager, engine.runner
-    seq_id = "__big_shape__"
-    manager.add_sequence(seq_id, [1] * (context + num_nodes))
-    try:
-        manager.allocate_slots(seq_id, 0, context + num_nodes)
-        item = TreeBatchItem(seq_id, context, heap_tree(num_nodes))
-        rows = list(range(num_nodes))
-        runner.run([item], rows)  # warm-up: compiles, captures the bucket's graph
-        times = []
-        for _ in range(repeats):
-            sync()
-            start = time.perf_counter()
-            logits, _ = runner.run([item], rows)
-            logits.argmax(-1).tolist()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-    finally:
-        manager.free(seq_id)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--context", type=int, default=1024, help="cached tokens before the step")
@@ -89,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     try:
-        tree_sizes = [int(n) for n in args.tree_sizes.split(",")]
+        tree_sizes = sorted({int(n) for n in args.tree_sizes.split(",")})
         if any(n < 2 for n in tree_sizes) or args.context < 1 or args.repeats < 1:
             raise ValueError("tree sizes must be at least 2, --context and --repeats at least 1")
     except ValueError as exc:
@@ -106,8 +83,9 @@ def main(argv: list[str] | None = None) -> int:
                                     cache=CacheConfig(kv_cache_memory_gb=0.05 if args.quick else 2.0)), loaded=loaded)
     bandwidth = device_bandwidth_gbps(device)
     floor = weight_bytes / (bandwidth * 1e9)
-    decode = step_seconds(engine, context, 1, args.repeats)
-    verify = {n: step_seconds(engine, context, n, args.repeats) for n in tree_sizes}
+    cost = measure_step_cost(engine.runner, (1, *tree_sizes), args.repeats, context, tree_of=heap_tree)
+    decode = cost.seconds[0]
+    verify = dict(zip(tree_sizes, cost.seconds[1:]))
     result = {
         "benchmark": "big_shape", "config": vars(args), "environment": environment(),
         "model": f"{name} (RANDOM {str(dtype).removeprefix('torch.')} weights of the real shape)",

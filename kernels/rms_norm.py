@@ -19,7 +19,7 @@ MAX_HIDDEN_SIZE = 16384
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """The PyTorch ops of ``specserve.models.llama.RMSNorm``, in the same order."""
+    """What ``specserve.models.llama.RMSNorm`` runs without the fused kernel."""
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(x.dtype)

@@ -20,6 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
+from specserve.models.attention import write_kv
+from specserve.models.rope import apply_rope
+
 
 def rope_kv_ref(
     qkv: torch.Tensor,
@@ -30,10 +33,7 @@ def rope_kv_ref(
     num_heads: int,
     num_kv_heads: int,
 ) -> torch.Tensor:
-    """The PyTorch ops of ``LlamaAttention`` (rope, then ``write_kv``), in the same order."""
-    from specserve.models.attention import write_kv
-    from specserve.models.rope import apply_rope
-
+    """Rope, then ``write_kv``: what ``LlamaAttention`` runs without the fused kernel."""
     head_dim = cos_sin.shape[-1]
     q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
     q = apply_rope(q.view(-1, num_heads, head_dim), cos_sin)

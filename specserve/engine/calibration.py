@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,10 +79,10 @@ def select_nodes_by_cost(cost: StepCost, ranked_probs: list[list[float]], draft_
 @torch.inference_mode()
 def measure_step_cost(
     runner: ModelRunner, sizes: tuple[int, ...] = CALIBRATION_SIZES, repeats: int = 5,
-    context_len: int = CALIBRATION_CONTEXT,
+    context_len: int = CALIBRATION_CONTEXT, tree_of: Callable[[int], TokenTree] | None = None,
 ) -> StepCost:
-    """Median seconds of a forward (logits of every row included) over a chain of each size,
-    after ``context_len`` cached tokens."""
+    """Median seconds of a forward (logits of every row included) over a tree of each size
+    (``tree_of(size)``; default a chain), after ``context_len`` cached tokens."""
     manager = runner.kv_manager
     seq_id = "__calibration__"
     context = [1] * (context_len + max(sizes))
@@ -90,7 +91,8 @@ def measure_step_cost(
         manager.allocate_slots(seq_id, 0, len(context))
         seconds = []
         for size in sizes:
-            item = TreeBatchItem(seq_id, context_len, TokenTree.chain([1] * size))
+            tree = TokenTree.chain([1] * size) if tree_of is None else tree_of(size)
+            item = TreeBatchItem(seq_id, context_len, tree)
             rows = list(range(size))
             runner.run([item], rows)  # warm-up (Triton compiles, caches fill)
             times = []

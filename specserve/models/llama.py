@@ -7,8 +7,8 @@ Parameter names follow transformers' checkpoints, except that q/k/v and gate/up 
 (``qkv_proj`` = cat(q, k, v), ``gate_up_proj`` = cat(gate, up)) to launch fewer kernels.
 With an attention backend whose ``fused_ops`` is set (Triton on CUDA), RMSNorm, rope with the
 K/V write, and silu(gate) * up each run as one kernel (``kernels/rms_norm.py``, ``rope_kv.py``,
-``silu_mul.py``) instead of the ~45 small PyTorch kernels a layer launches otherwise; the
-PyTorch ops below are those kernels' references.
+``silu_mul.py``) instead of the ~45 small PyTorch kernels a layer launches otherwise; without
+it the layers call those kernels' PyTorch references (``*_ref``, the same files).
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.rms_norm import MAX_HIDDEN_SIZE, rms_norm
-from kernels.rope_kv import rope_kv
-from kernels.silu_mul import silu_mul
-from specserve.models.attention import AttentionBackend, AttentionMetadata, write_kv
+from kernels.rms_norm import MAX_HIDDEN_SIZE, rms_norm, rms_norm_ref
+from kernels.rope_kv import rope_kv, rope_kv_ref
+from kernels.silu_mul import silu_mul, silu_mul_ref
+from specserve.models.attention import AttentionBackend, AttentionMetadata
 from specserve.models.config import LlamaArchConfig
-from specserve.models.rope import apply_rope, rope_cos_sin
+from specserve.models.rope import rope_cos_sin
 
 
 class RMSNorm(nn.Module):
@@ -36,9 +36,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
         if fused and x.shape[-1] <= MAX_HIDDEN_SIZE:
             return rms_norm(x, self.weight, self.eps)
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return rms_norm_ref(x, self.weight, self.eps)
 
 
 class LlamaAttention(nn.Module):
@@ -61,13 +59,8 @@ class LlamaAttention(nn.Module):
         cfg = self.cfg
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         qkv = self.qkv_proj(hidden)
-        if attention.fused_ops and self.rope_kv_fusable:
-            q = rope_kv(qkv, cos_sin, k_cache, v_cache, meta.slot_mapping, cfg.num_heads, cfg.num_kv_heads)
-        else:
-            q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-            q = apply_rope(q.view(-1, cfg.num_heads, cfg.head_dim), cos_sin)
-            k = apply_rope(k.view(-1, cfg.num_kv_heads, cfg.head_dim), cos_sin)
-            write_kv(k_cache, v_cache, k, v.view(-1, cfg.num_kv_heads, cfg.head_dim), meta.slot_mapping)
+        fn = rope_kv if attention.fused_ops and self.rope_kv_fusable else rope_kv_ref
+        q = fn(qkv, cos_sin, k_cache, v_cache, meta.slot_mapping, cfg.num_heads, cfg.num_kv_heads)
         out = attention.fn(q, k_cache, v_cache, meta, self.scale)
         return self.o_proj(out.reshape(-1, cfg.q_size))
 
@@ -80,10 +73,7 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        if fused:
-            return self.down_proj(silu_mul(gate_up))
-        gate, up = gate_up.chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_mul(gate_up) if fused else silu_mul_ref(gate_up))
 
 
 class LlamaDecoderLayer(nn.Module):

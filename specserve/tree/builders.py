@@ -20,6 +20,7 @@ speculative sampling exact.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from specserve.tree.token_tree import TokenTree
@@ -200,27 +201,18 @@ def merge_by_score(trees: list[TokenTree], max_nodes: int) -> TokenTree:
     goes to the shallower node."""
     score: dict[tuple[int, ...], float] = {}
     for tree in trees:
-        keys: list[tuple[int, ...]] = []
         capped: list[float] = []
-        for i, (token, parent) in enumerate(zip(tree.token_ids, tree.parents)):
-            key = () if parent == -1 else keys[parent] + (token,)
-            own = tree.node_scores[i] if tree.node_scores[i] == tree.node_scores[i] else 0.0  # NaN -> 0
+        for i, (key, parent) in enumerate(zip(tree.token_paths(), tree.parents)):
+            own = 0.0 if math.isnan(tree.node_scores[i]) else tree.node_scores[i]
             capped.append(own if parent == -1 else min(own, capped[parent]))
-            keys.append(key)
             score[key] = max(score.get(key, 0.0), capped[i])
     ranked = sorted((key for key in score if key), key=lambda key: (-score[key], len(key)))[:max_nodes]
     inner = {key[:-1] for key in ranked}
     leaves = [key for key in ranked if key not in inner]  # best first: the best path gets the first nodes
     merged = TokenTree.from_paths(trees[0].token_ids[0], [list(key) for key in leaves])
     scores = {(): 1.0} | {key: score[key] for key in ranked}
-    return TokenTree(merged.token_ids, merged.parents, node_scores=_scores_in_node_order(merged, scores))
-
-
-def _scores_in_node_order(tree: TokenTree, scores: dict[tuple[int, ...], float]) -> tuple[float, ...]:
-    keys: list[tuple[int, ...]] = []
-    for token, parent in zip(tree.token_ids, tree.parents):
-        keys.append(() if parent == -1 else keys[parent] + (token,))
-    return tuple(scores[key] for key in keys)
+    return TokenTree(merged.token_ids, merged.parents,
+                     node_scores=tuple(scores[key] for key in merged.token_paths()))
 
 
 def tree_from_paths_within_budget(root: int, paths: list[list[int]], max_nodes: int) -> TokenTree:

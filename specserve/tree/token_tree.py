@@ -101,6 +101,14 @@ class TokenTree:
             children[self.parents[i]].append(i)
         return children
 
+    def token_paths(self) -> list[tuple[int, ...]]:
+        """token_paths()[i]: the tokens from the root's child to node i (() for the root), the
+        key by which node i is the same node in another tree of the same root."""
+        paths: list[tuple[int, ...]] = []
+        for token, parent in zip(self.token_ids, self.parents):
+            paths.append(() if parent == -1 else paths[parent] + (token,))
+        return paths
+
     def path_to(self, node: int) -> list[int]:
         """Node indices from the root to ``node``, both included."""
         path = [node]

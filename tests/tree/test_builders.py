@@ -97,10 +97,9 @@ def test_merge_deduplicates_identical_paths_round_robin():
 def scored(paths: list[list[int]], probs: dict[tuple[int, ...], float]) -> TokenTree:
     """A tree of root 1 whose node scores are the products of ``probs`` along each path."""
     tree = TokenTree.from_paths(1, paths)
-    keys, scores = [], []
-    for token, parent in zip(tree.token_ids, tree.parents):
-        keys.append(() if parent == -1 else keys[parent] + (token,))
-        scores.append(1.0 if parent == -1 else scores[parent] * probs[keys[-1]])
+    scores: list[float] = []
+    for key, parent in zip(tree.token_paths(), tree.parents):
+        scores.append(1.0 if parent == -1 else scores[parent] * probs[key])
     return TokenTree(tree.token_ids, tree.parents, node_scores=tuple(scores))
 
 

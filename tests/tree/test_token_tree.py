@@ -48,6 +48,7 @@ def test_from_paths_shares_prefixes() -> None:
     assert tree.leaves() == [3, 4, 5, 6]
     assert tree.path_to(6) == [0, 1, 2, 6]
     assert tree.paths() == [[0, 1, 2, 3], [0, 1, 4], [0, 5], [0, 1, 2, 6]]
+    assert tree.token_paths() == [(), (1,), (1, 2), (1, 2, 3), (1, 4), (5,), (1, 2, 6)]
 
 
 def test_from_paths_ignores_repeated_paths() -> None:
