@@ -193,6 +193,7 @@ def method_summary(groups: list[GroupResult]) -> dict[str, Any]:
         "mean_draft_tokens_per_step": (sum(s.num_draft_tokens for s in decode_steps) / len(decode_steps)) if decode_steps else None,
         "num_switch_offs": sum(r.num_switch_offs for r in records),
         "num_switched_off_steps": sum(r.num_switched_off_steps for r in records),
+        "num_gate_closed_steps": sum(not s.gate_open for s in decode_steps),
     }
 
 

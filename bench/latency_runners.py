@@ -48,6 +48,7 @@ class StepRecord:
     num_tokens: int
     num_draft_tokens: int
     decode_only: bool  # every request in the step had its first token before it
+    gate_open: bool = True  # False: our engine's batch gate kept the step plain
 
 
 @dataclass
@@ -93,7 +94,7 @@ class EngineRunner:
             stats = engine.last_step
             if stats is not None and stats is not before:
                 steps.append(StepRecord(stats.draft_s, stats.verify_s, stats.total_s, stats.num_seqs,
-                                        stats.num_tokens, stats.num_draft_tokens, decode_only))
+                                        stats.num_tokens, stats.num_draft_tokens, decode_only, stats.gate_open))
         end = max(times[r][-1] for r in request_ids)
         requests = []
         for r in request_ids:

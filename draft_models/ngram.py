@@ -4,6 +4,11 @@ occurrences of its own suffix. No model, no state; strong on code, edits and quo
 For the longest suffix length n (ngram_max down to ngram_min) that occurred before, the
 continuations after its most recent occurrences become the tree's paths (deduplicated, most
 recent first), each as deep as the budget allows. Guesses are deterministic (point masses).
+
+Each sequence keeps an index (``NgramIndex``: every n-gram, n in [ngram_min, ngram_max], to
+the positions it starts at), extended by the tokens appended since the last step, so a lookup
+costs the matches it returns rather than a scan of the whole sequence (16 sequences of a few
+hundred tokens took about 0.4 ms of Python per step scanned).
 """
 
 from __future__ import annotations
@@ -11,6 +16,66 @@ from __future__ import annotations
 from draft_models.base import DraftRequest
 from specserve.tree import TokenTree
 from specserve.tree.builders import tree_from_paths_within_budget
+
+
+def scan_continuations(token_ids: list[int], depth: int, n_min: int, n_max: int, max_paths: int) -> list[list[int]]:
+    """The reference of ``NgramIndex.continuations``: scan the whole sequence for each suffix
+    length, newest occurrence first (what the drafter did before it kept an index)."""
+    n_tokens = len(token_ids)
+    for n in range(min(n_max, n_tokens - 1), n_min - 1, -1):
+        paths = []
+        for start in range(n_tokens - n - 1, -1, -1):
+            if token_ids[start : start + n] == token_ids[n_tokens - n :]:
+                path = token_ids[start + n : start + n + depth]
+                if path and path not in paths:
+                    paths.append(path)
+                    if len(paths) == max_paths:
+                        break
+        if paths:
+            return paths
+    return []
+
+
+class NgramIndex:
+    """Start positions of every n-gram of one token sequence, n in [n_min, n_max], in order.
+
+    Invariant: ``starts[n][key]`` lists, ascending, every s with tokens[s : s + n] == key.
+    """
+
+    def __init__(self, n_min: int, n_max: int) -> None:
+        self.n_min, self.n_max = n_min, n_max
+        self.tokens: list[int] = []
+        self.starts: dict[int, dict[tuple[int, ...], list[int]]] = {n: {} for n in range(n_min, n_max + 1)}
+
+    def sync(self, token_ids: list[int]) -> None:
+        """Index ``token_ids``: extended when it continues what is indexed (same first and last
+        indexed token: an engine sequence only grows), else rebuilt."""
+        known = len(self.tokens)
+        if len(token_ids) < known or (known and (token_ids[known - 1], token_ids[0]) != (self.tokens[-1], self.tokens[0])):
+            self.__init__(self.n_min, self.n_max)
+            known = 0
+        for end in range(known, len(token_ids)):  # n-grams ending at each new token
+            self.tokens.append(token_ids[end])
+            for n, starts in self.starts.items():
+                if end + 1 >= n:
+                    starts.setdefault(tuple(self.tokens[end + 1 - n : end + 1]), []).append(end + 1 - n)
+
+    def continuations(self, depth: int, max_paths: int) -> list[list[int]]:
+        """Up to ``max_paths`` distinct continuations of the longest recurring suffix, newest first."""
+        tokens, n_tokens = self.tokens, len(self.tokens)
+        for n in range(min(self.n_max, n_tokens - 1), self.n_min - 1, -1):
+            paths: list[list[int]] = []
+            for start in reversed(self.starts[n].get(tuple(tokens[n_tokens - n :]), ())):
+                if start > n_tokens - n - 1:  # the suffix itself
+                    continue
+                path = tokens[start + n : start + n + depth]
+                if path and path not in paths:
+                    paths.append(path)
+                    if len(paths) == max_paths:
+                        break
+            if paths:
+                return paths
+        return []
 
 
 class NgramDrafter:
@@ -22,33 +87,27 @@ class NgramDrafter:
         self.ngram_max = ngram_max
         self.ngram_min = ngram_min
         self.max_paths = max_paths
+        self.indexes: dict[str, NgramIndex] = {}  # per sequence, until ``release``
 
     def continuations(self, token_ids: list[int], depth: int) -> list[list[int]]:
-        """Up to ``max_paths`` distinct continuations of the longest recurring suffix, newest first."""
-        n_tokens = len(token_ids)
-        for n in range(min(self.ngram_max, n_tokens - 1), self.ngram_min - 1, -1):
-            suffix = token_ids[n_tokens - n :]
-            paths: list[list[int]] = []
-            for start in range(n_tokens - n - 1, -1, -1):  # newest occurrence first
-                if token_ids[start : start + n] == suffix:
-                    path = token_ids[start + n : start + n + depth]
-                    if path and path not in paths:
-                        paths.append(path)
-                        if len(paths) == self.max_paths:
-                            break
-            if paths:
-                return paths
-        return []
+        """Up to ``max_paths`` distinct continuations of the longest recurring suffix of
+        ``token_ids``, newest first (a one-off index; ``propose`` keeps one per sequence)."""
+        index = NgramIndex(self.ngram_min, self.ngram_max)
+        index.sync(list(token_ids))
+        return index.continuations(depth, self.max_paths)
 
     def propose(self, requests: list[DraftRequest]) -> list[TokenTree]:
         trees = []
         for request in requests:
-            token_ids = list(request.token_ids)
-            root = token_ids[-1]
+            root = request.token_ids[-1]
             if request.max_tree_tokens == 0 or request.max_depth == 0:
                 trees.append(TokenTree((root,), (-1,)))
                 continue
-            paths = self.continuations(token_ids, request.max_depth)
+            index = self.indexes.get(request.seq_id)
+            if index is None:
+                index = self.indexes[request.seq_id] = NgramIndex(self.ngram_min, self.ngram_max)
+            index.sync(request.token_ids)
+            paths = index.continuations(request.max_depth, self.max_paths)
             trees.append(tree_from_paths_within_budget(root, paths, request.max_tree_tokens))
         return trees
 
@@ -59,5 +118,5 @@ class NgramDrafter:
         return None
 
     def release(self, seq_id: str) -> None:
-        return None
+        self.indexes.pop(seq_id, None)
 

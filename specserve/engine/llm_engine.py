@@ -18,6 +18,7 @@ from draft_models.base import Drafter
 from specserve.cache.kv_cache import KVCache, choose_num_blocks
 from specserve.cache.kv_cache_manager import KVCacheManager
 from specserve.config import EngineConfig, SamplingParams, SpeculationParams, SpeculativeConfig
+from specserve.engine.batch_gate import BatchGate
 from specserve.engine.calibration import (
     CALIBRATION_CONTEXT,
     CALIBRATION_SIZES,
@@ -62,6 +63,9 @@ class LLMEngine:
             arch, cache_cfg.block_size, self.max_model_len + config.speculative.max_tree_tokens + 1,
             self.loaded.dtype, self.loaded.device,
         )
+        # every graph now, not on a bucket's first use mid-serving; an offloaded model's capture
+        # streams its weights twice per bucket, and there a first-use stall is about one pass
+        self.num_graphs_captured = 0 if self.loaded.residency is not None else self.runner.capture_graphs()
         self.scheduler = Scheduler(config.scheduler, self.kv_manager)
         self.step_cost: StepCost | None = None  # the auto budget's and the switch-off's cost curve
         select_counts = None
@@ -75,6 +79,8 @@ class LLMEngine:
             config.scheduler.max_num_seqs, select_counts, self.graph_buckets,
         )
         self.num_draft_slots = config.speculative.max_tree_tokens if self.drafter else 0
+        # engine-wide: drafting only while whole decode steps measurably gain at this batch size
+        self.gate = BatchGate(2 * spec.probe_interval) if self.drafter and spec.switch_off else None
         self.sequences: dict[str, Sequence] = {}
         # the switch-off's engine-wide tokens per drafting step, per set of drafters a request uses
         self.acceptance_priors: dict[tuple[str, ...], AcceptancePrior] = {}
@@ -236,7 +242,10 @@ class LLMEngine:
         if not self.sequences:
             return []
         step_start = time.perf_counter()
-        plan = self.scheduler.schedule()
+        # the batch gate decides before scheduling: a plain step reserves no draft slots
+        num_decoding = sum(not seq.is_prefilling for seq in self.scheduler.running)
+        gate_open = self.gate is None or not num_decoding or self.gate.allows_drafting(num_decoding)
+        plan = self.scheduler.schedule(gate_open)
         self.kv_cache.copy_blocks(plan.block_copies)
         if not plan.scheduled:
             return []
@@ -320,19 +329,25 @@ class LLMEngine:
                 first_row = item_starts[len(prefills) + i - len(prefill_seqs)]
                 self.drafter.observe(seq.request_id, prefix_len, hidden[[first_row + n for n in result.accepted_nodes]])
             outputs.append(self._output(seq, new_tokens, text_ends))
+        total_s = time.perf_counter() - step_start
+        if self.gate is not None and decodes and not prefills:
+            num_new = sum(len(result.accepted_nodes) for result in results)
+            self.gate.record(len(decodes), total_s, num_new, any(tree.num_nodes > 1 for tree in trees))
         self.last_step = StepStats(
             num_seqs=len(items),
             num_tokens=sum(item.tree.num_nodes for item in items),
             num_draft_tokens=sum(tree.num_nodes - 1 for tree in trees),
             draft_s=verify_start - draft_start,
             verify_s=verify_s,
-            total_s=time.perf_counter() - step_start,
+            total_s=total_s,
+            gate_open=gate_open,
         )
         return outputs
 
     def _tree_slots(self, prefills: list[ScheduledSequence], decodes: list[ScheduledSequence]) -> list[int]:
-        """Tokens each decode sequence's tree may hold this step: its scheduled slots, with CUDA
-        graphs capped so that the step still replays a graph (``GraphBuckets.fit_trees``)."""
+        """Tokens each decode sequence's tree may hold this step: its scheduled slots (roots only
+        for switch-off-eligible requests while the batch gate is closed), with CUDA graphs capped
+        so that the step still replays a graph (``GraphBuckets.fit_trees``)."""
         slots = [s.num_slots for s in decodes]
         if self.graph_buckets is None:
             return slots

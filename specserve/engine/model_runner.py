@@ -94,6 +94,12 @@ class ModelRunner:
             self.logits, model.attention, graph_buckets, kv_manager, kv_cache.kv.shape[2], self.device, capture
         )
 
+    @torch.inference_mode()
+    def capture_graphs(self) -> int:
+        """Capture the CUDA graph of every bucket now (``GraphRunner.capture_all``), so no step
+        stalls on a first capture; the number captured (0 without graphs or off CUDA)."""
+        return 0 if self.graphs is None else self.graphs.capture_all()
+
     def logits(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, logit_indices: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -50,3 +50,4 @@ class StepStats:
     draft_s: float  # proposing trees
     verify_s: float  # target forward + verification (ends with the host read of accepted tokens)
     total_s: float
+    gate_open: bool = True  # False: the batch gate kept this decode step plain (``batch_gate``)

@@ -61,7 +61,9 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, drafting: bool = True) -> SchedulerOutput:
+        """``drafting`` False (the engine's batch gate is closed): decode sequences that may be
+        switched off get slots for their root alone."""
         budget = self.cfg.max_num_batched_tokens
         scheduled: list[ScheduledSequence] = []
         copies: list[tuple[int, int]] = []
@@ -72,7 +74,8 @@ class Scheduler:
             if seq.is_prefilling:
                 num_slots = min(seq.num_pending, self.cfg.prefill_chunk_size, budget)
             else:
-                num_slots = min(1 + seq.num_draft_slots, budget)
+                drafts = seq.num_draft_slots if drafting or seq.switch_off is None else 0
+                num_slots = min(1 + drafts, budget)
             if num_slots == 0:
                 break
             try:

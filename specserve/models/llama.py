@@ -5,10 +5,16 @@ passed in (Triton kernel or PyTorch reference), never looked up from global stat
 
 Parameter names follow transformers' checkpoints, except that q/k/v and gate/up are fused
 (``qkv_proj`` = cat(q, k, v), ``gate_up_proj`` = cat(gate, up)) to launch fewer kernels.
-With an attention backend whose ``fused_ops`` is set (Triton on CUDA), RMSNorm, rope with the
-K/V write, and silu(gate) * up each run as one kernel (``kernels/rms_norm.py``, ``rope_kv.py``,
-``silu_mul.py``) instead of the ~45 small PyTorch kernels a layer launches otherwise; without
-it the layers call those kernels' PyTorch references (``*_ref``, the same files).
+With an attention backend whose ``fused_ops`` is set (Triton on CUDA), the residual add with
+the RMSNorm after it, rope with the K/V write, and silu(gate) * up each run as one kernel
+(``kernels/rms_norm.py``, ``rope_kv.py``, ``silu_mul.py``) instead of the ~45 small PyTorch
+kernels a layer launches otherwise; without it the layers call those kernels' PyTorch
+references (``*_ref``, the same files).
+
+The residual stream travels between layers in two parts, as (output, residual): a layer's last
+output is added to the stream by the next norm (the next layer's, or the final one), so every
+add rides in a norm's launch. The stream's value is output + residual, added in that order's
+rounding exactly as ``hidden = hidden + f(hidden)`` adds it.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.rms_norm import MAX_HIDDEN_SIZE, rms_norm, rms_norm_ref
+from kernels.rms_norm import MAX_HIDDEN_SIZE, add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref
 from kernels.rope_kv import rope_kv, rope_kv_ref
 from kernels.silu_mul import silu_mul, silu_mul_ref
 from specserve.models.attention import AttentionBackend, AttentionMetadata
@@ -37,6 +43,12 @@ class RMSNorm(nn.Module):
         if fused and x.shape[-1] <= MAX_HIDDEN_SIZE:
             return rms_norm(x, self.weight, self.eps)
         return rms_norm_ref(x, self.weight, self.eps)
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): the residual add and this norm, one launch fused."""
+        if fused and x.shape[-1] <= MAX_HIDDEN_SIZE:
+            return add_rms_norm(x, residual, self.weight, self.eps)
+        return add_rms_norm_ref(x, residual, self.weight, self.eps)
 
 
 class LlamaAttention(nn.Module):
@@ -84,10 +96,24 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg)
 
-    def forward(self, hidden, cos_sin, kv_cache, meta, attention) -> torch.Tensor:
+    def forward(
+        self,
+        hidden: torch.Tensor,  # [num_tokens, hidden_size] the previous layer's output (the embedding first)
+        residual: torch.Tensor | None,  # [num_tokens, hidden_size] the stream before it; None first
+        cos_sin: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        attention: AttentionBackend,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's MLP output, the stream before it): the stream after the layer is their sum."""
         fused = attention.fused_ops
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden, fused), cos_sin, kv_cache, meta, attention)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden, fused), fused)
+        if residual is None:
+            residual, x = hidden, self.input_layernorm(hidden, fused)
+        else:
+            x, residual = self.input_layernorm.add(hidden, residual, fused)
+        hidden = self.self_attn(x, cos_sin, kv_cache, meta, attention)
+        x, residual = self.post_attention_layernorm.add(hidden, residual, fused)
+        return self.mlp(x, fused), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -138,13 +164,16 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """The decoder layers (the first ``num_layers``) and the final norm: [num_tokens, hidden_size]."""
         cos_sin = self.cos_sin[positions]
+        residual = None
         for layer, kv_cache in zip(self.layer_sequence(num_layers or self.cfg.num_layers), kv_caches):
-            hidden = layer(hidden, cos_sin, kv_cache, meta, self.attention)
-        return self.norm(hidden, self.attention.fused_ops)
+            hidden, residual = layer(hidden, residual, cos_sin, kv_cache, meta, self.attention)
+        if residual is None:
+            return self.norm(hidden, self.attention.fused_ops)
+        return self.norm.add(hidden, residual, self.attention.fused_ops)[0]
 
     def layer_sequence(self, num_layers: int) -> Iterator[Callable[..., torch.Tensor]]:
         """The first ``num_layers`` decoder layers, in order, each callable as
-        ``layer(hidden, cos_sin, kv_cache, meta, attention)``. Resident here; the offloaded
+        ``layer(hidden, residual, cos_sin, kv_cache, meta, attention) -> (hidden, residual)``. Resident here; the offloaded
         model streams its layers' weights in as the iteration reaches them."""
         return iter(self.layers[:num_layers])
 

@@ -1,6 +1,9 @@
+import random
+
 from draft_models.base import DraftRequest
-from draft_models.ngram import NgramDrafter
+from draft_models.ngram import NgramDrafter, scan_continuations
 from specserve.tree import TokenTree
+from specserve.tree.builders import tree_from_paths_within_budget
 
 
 def test_longest_recurring_suffix_newest_first():
@@ -14,6 +17,7 @@ def test_falls_back_to_shorter_suffix_and_nothing_without_match():
     drafter = NgramDrafter(ngram_max=3, ngram_min=1, max_paths=4)
     assert drafter.continuations([5, 6, 7, 6], 3) == [[7, 6]]
     assert drafter.continuations([1, 2, 3], 3) == []
+    assert drafter.continuations([5, 6, 7, 6], 0) == []  # no depth, no path
 
 
 def test_propose_builds_budgeted_tree_rooted_at_last_token():
@@ -26,3 +30,31 @@ def test_propose_builds_budgeted_tree_rooted_at_last_token():
     assert tree == TokenTree.from_paths(5, [[8, 9, 4], [6, 7]])
     (empty,) = drafter.propose([DraftRequest("s", [1, 2, 3], max_tree_tokens=5, max_depth=3)])
     assert empty == TokenTree((3,), (-1,))
+
+
+def test_the_incremental_index_equals_a_full_scan_at_every_step():
+    """One sequence growing by 1-3 tokens a step (as accepted drafts extend it) over a small
+    alphabet, so suffixes recur; the kept index must answer what a scan answers."""
+    rng = random.Random(0)
+    drafter = NgramDrafter(ngram_max=4, ngram_min=1, max_paths=3)
+    tokens = [rng.randrange(5) for _ in range(3)]
+    checked = 0
+    while len(tokens) < 300:
+        (tree,) = drafter.propose([DraftRequest("s", tokens, max_tree_tokens=12, max_depth=4)])
+        paths = scan_continuations(tokens, 4, 1, 4, 3)
+        assert tree == tree_from_paths_within_budget(tokens[-1], paths, 12)
+        assert drafter.continuations(tokens, 4) == paths
+        checked += bool(paths)
+        tokens = tokens + [rng.randrange(5) for _ in range(rng.randint(1, 3))]
+    assert checked > 100
+
+
+def test_a_sequence_that_does_not_continue_its_index_is_reindexed_and_release_forgets_it():
+    drafter = NgramDrafter(ngram_max=2, ngram_min=1, max_paths=2)
+    drafter.propose([DraftRequest("s", [1, 2, 3, 1, 2], max_tree_tokens=4, max_depth=2)])
+    other = [7, 8, 7, 9, 7]  # same id, other tokens (the id was reused)
+    (tree,) = drafter.propose([DraftRequest("s", other, max_tree_tokens=4, max_depth=2)])
+    assert tree == tree_from_paths_within_budget(7, scan_continuations(other, 2, 1, 2, 2), 4)
+    assert tree == TokenTree.from_paths(7, [[9, 7], [8, 7]])
+    drafter.release("s")
+    assert drafter.indexes == {}

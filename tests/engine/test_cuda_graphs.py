@@ -114,6 +114,35 @@ def test_tree_budgets_shrink_as_the_batch_grows_to_stay_in_the_largest_bucket():
     assert BUCKETS.fit_trees(3, []) == []
 
 
+def test_every_usable_bucket_largest_first():
+    assert GraphBuckets(seq_sizes=(1, 2, 4), token_sizes=(1, 2, 4, 8), max_num_blocks=8).all_buckets() == [
+        (4, 8), (2, 8), (1, 8), (4, 4), (2, 4), (1, 4), (2, 2), (1, 2), (1, 1)]
+    # 3 sequences of one token each: bucket (4, 3) is possible, so is (4, 3)'s T = 3 below S = 4
+    assert GraphBuckets(seq_sizes=(1, 2, 4), token_sizes=(1, 2, 3, 8), max_num_blocks=8).all_buckets() == [
+        (4, 8), (2, 8), (1, 8), (4, 3), (2, 3), (1, 3), (2, 2), (1, 2), (1, 1)]
+    assert len(BUCKETS.all_buckets()) == 5 + 4 + 3 + 2  # T >= S here: S = 1, 2, 4, 8
+    # every bucket a step can take is among them
+    steps = [(n, t) for n in range(1, 9) for t in range(n, 17)]
+    assert {BUCKETS.bucket(n, t, 1) for n, t in steps} == set(BUCKETS.all_buckets())
+
+
+def test_a_padding_only_step_writes_the_dummy_block_alone(model):
+    """What ``capture_all`` captures from: a step of padding only, at every bucket, leaves every
+    pool block (the real sequences' K/V) as it was."""
+    pair = Pair(model, PROMPTS)
+    before = pair.kv(pair.padded).clone()
+    graphs = pair.padded.graphs
+    for bucket in BUCKETS.all_buckets():
+        graphs.stage_padding(bucket)
+        with torch.inference_mode():
+            logits, _ = graphs._padded_forward(bucket)()
+        assert logits.shape == (bucket[1], ARCH.vocab_size)
+    after = pair.kv(pair.padded)
+    assert torch.equal(after[:, :, :NUM_BLOCKS], before[:, :, :NUM_BLOCKS])
+    assert not torch.equal(after[:, :, DUMMY], before[:, :, DUMMY])
+    assert pair.padded.capture_graphs() == 0  # capture is a no-op off CUDA
+
+
 def test_pack_step_pads_to_the_bucket_with_the_dummy_block():
     layout = StaticLayout(max_num_tokens=8, max_num_rows=5, max_num_blocks=3)
     buffer = np.full(layout.size, -7, dtype=np.int32)  # stale values from an earlier step

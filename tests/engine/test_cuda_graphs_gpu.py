@@ -6,6 +6,8 @@ at near-ties, ``near_ties.py``). Skipped without a GPU.
     pytest -m gpu -s tests/engine/test_cuda_graphs_gpu.py
 """
 
+import gc
+
 import pytest
 import torch
 
@@ -106,11 +108,18 @@ def chat_prompts(loaded):
 
 
 def generate(loaded, enforce_eager, speculative=None):
+    gc.collect()  # engines hold reference cycles: free the earlier ones' pools and graphs first
+    torch.cuda.empty_cache()
     config = EngineConfig(model=ModelConfig(device="cuda", enforce_eager=enforce_eager),
                           cache=CacheConfig(num_blocks=2048), speculative=speculative or SpeculativeConfig())
     engine = LLMEngine(config, loaded=loaded)
     assert (engine.graph_buckets is None) == enforce_eager
-    return [o.token_ids for o in engine.generate(chat_prompts(loaded), GREEDY)]
+    if not enforce_eager:  # every bucket captured at start-up, none mid-serving
+        assert engine.num_graphs_captured == len(engine.graph_buckets.all_buckets())
+    outputs = [o.token_ids for o in engine.generate(chat_prompts(loaded), GREEDY)]
+    if not enforce_eager:
+        assert engine.runner.graphs.num_captured == engine.num_graphs_captured
+    return outputs
 
 
 @pytest.mark.parametrize("spec", [

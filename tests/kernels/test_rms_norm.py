@@ -11,7 +11,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from kernels.rms_norm import rms_norm, rms_norm_ref  # noqa: E402
+from kernels.rms_norm import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -43,10 +43,36 @@ def test_bad_shapes_are_refused():
         rms_norm(x[None], torch.ones(8, device=DEVICE), 1e-6)
 
 
+@pytest.mark.parametrize("num_tokens, hidden_size", [(1, 8), (3, 576)])
+def test_add_then_norm_matches_the_reference(num_tokens, hidden_size):
+    generator = torch.Generator().manual_seed(hidden_size)
+    x, residual = (torch.randn(2, num_tokens, hidden_size, generator=generator) * 3).to(DEVICE)
+    weight = torch.randn(hidden_size, generator=generator).to(DEVICE)
+    normed, summed = add_rms_norm(x, residual, weight, 1e-5)
+    expected_normed, expected_summed = add_rms_norm_ref(x, residual, weight, 1e-5)
+    assert torch.equal(summed, expected_summed)  # one float32 add either way
+    torch.testing.assert_close(normed, expected_normed, rtol=2e-6, atol=2e-6)
+
+
+def test_add_then_norm_refuses_a_residual_unlike_x():
+    x = torch.zeros(2, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="residual"):
+        add_rms_norm(x, torch.zeros(2, 4, device=DEVICE), torch.ones(8, device=DEVICE), 1e-6)
+    with pytest.raises(ValueError, match="residual"):
+        add_rms_norm(x, torch.zeros(2, 8, device=DEVICE, dtype=torch.float64), torch.ones(8, device=DEVICE), 1e-6)
+
+
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("hidden_size", [576, 4096])
 def test_bf16_serving_shapes(hidden_size):
+    """On the GPU only: the interpreter's float32 -> bf16 conversion does not round to nearest
+    even as the GPU's does, so the bitwise check of the rounded sum cannot run on the CPU."""
     x = torch.randn(64, hidden_size, device="cuda", dtype=torch.bfloat16)
     weight = torch.randn(hidden_size, device="cuda", dtype=torch.bfloat16)
     torch.testing.assert_close(rms_norm(x, weight, 1e-5), rms_norm_ref(x, weight, 1e-5), rtol=1.6e-2, atol=1e-2)
+    residual = torch.randn(64, hidden_size, device="cuda", dtype=torch.bfloat16)
+    normed, summed = add_rms_norm(x, residual, weight, 1e-5)
+    expected_normed, expected_summed = add_rms_norm_ref(x, residual, weight, 1e-5)
+    assert torch.equal(summed, expected_summed)
+    torch.testing.assert_close(normed, expected_normed, rtol=1.6e-2, atol=1e-2)

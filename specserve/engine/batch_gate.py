@@ -1,0 +1,113 @@
+"""Engine-wide speculation gate: a decode step drafts only while drafting measurably pays at the
+current batch size.
+
+The per-request switch-off (``switch_off.py``) judges each request by the device's calibrated
+cost of a forward. As the batch grows the forward stops being the whole story: proposing,
+packing, verifying and committing trees for every sequence is host work the forward's cost
+curve does not see, and verification stops being nearly free. The gate therefore measures
+whole decode steps (wall time, from the start of scheduling to the last commit), per batch
+bucket b = the number of decoding sequences rounded up to a power of two::
+
+    drafting s/token = EMA over drafting steps at b of  step seconds / tokens produced
+    plain s/token    = EMA over plain steps at b    of  step seconds / sequences
+
+A plain step is one in which no tree held a draft: the gate was closed, every request was
+switched off, or the drafters found nothing. At bucket b, with n the bucket's step counter:
+
+- fewer than ``MIN_SAMPLES`` plain steps seen: draft, except every ``interval``-th step runs
+  plain (a plain probe);
+- fewer than ``MIN_SAMPLES`` drafting steps seen: draft;
+- drafting s/token <= plain s/token: draft, with a plain probe every ``REFRESH * interval``
+  steps to keep the plain rate current;
+- else: plain, with a drafting probe every ``interval``-th step, so the gate opens again when
+  the workload changes.
+
+Below ``MIN_BATCH`` sequences the gate stays open and records nothing: a small batch's trees
+ride along in a forward that costs about what one token's does (on a GPU), and the
+per-request switch-off, from the calibrated cost curve, already turns losing requests off.
+The gate is about load.
+
+Invariant: the gate never changes what a request generates under greedy decoding, only how
+fast; requests whose text depends on which trees are verified (seeded sampling) are never
+gated (the engine passes only switch-off-eligible requests through it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MIN_BATCH = 8  # decoding sequences from which on the gate decides
+MIN_SAMPLES = 4  # steps of a kind before its rate is trusted
+REFRESH = 4  # while drafting wins, a plain probe every REFRESH * interval steps
+EMA_WEIGHT = 0.2  # weight of the newest step in a rate
+
+
+def batch_bucket(num_seqs: int) -> int:
+    """The smallest power of two >= num_seqs (>= 1)."""
+    return 1 << max(0, num_seqs - 1).bit_length()
+
+
+@dataclass
+class BucketRates:
+    """Measured seconds per token at one batch bucket (None before the first step of a kind)."""
+
+    drafting_s: float | None = None
+    plain_s: float | None = None
+    num_drafting: int = 0
+    num_plain: int = 0
+    num_steps: int = 0  # steps the gate decided at this bucket
+
+    def add(self, drafted: bool, seconds_per_token: float) -> None:
+        if drafted:
+            self.drafting_s = _ema(self.drafting_s, seconds_per_token)
+            self.num_drafting += 1
+        else:
+            self.plain_s = _ema(self.plain_s, seconds_per_token)
+            self.num_plain += 1
+
+
+def _ema(rate: float | None, value: float) -> float:
+    return value if rate is None else (1 - EMA_WEIGHT) * rate + EMA_WEIGHT * value
+
+
+class BatchGate:
+    """Whether the next decode step may draft, from the measured rates of earlier steps."""
+
+    def __init__(self, interval: int) -> None:
+        if interval < 2:
+            raise ValueError(f"the gate's probe interval must be at least 2, not {interval}")
+        self.interval = interval
+        self.rates: dict[int, BucketRates] = {}
+        self.num_closed_steps = 0  # steps the gate kept plain (probes included)
+
+    def allows_drafting(self, num_seqs: int) -> bool:
+        """Decide the next decode step of ``num_seqs`` sequences (call once per step)."""
+        if num_seqs < MIN_BATCH:
+            return True
+        rates = self.rates.setdefault(batch_bucket(num_seqs), BucketRates())
+        rates.num_steps += 1
+        due = rates.num_steps % self.interval == 0
+        if rates.num_plain < MIN_SAMPLES:
+            allowed = not due
+        elif rates.num_drafting < MIN_SAMPLES:
+            allowed = True
+        elif rates.drafting_s <= rates.plain_s:
+            allowed = rates.num_steps % (REFRESH * self.interval) != 0
+        else:
+            allowed = due
+        self.num_closed_steps += not allowed
+        return allowed
+
+    def record(self, num_seqs: int, seconds: float, num_tokens: int, drafted: bool) -> None:
+        """A decode-only step of ``num_seqs`` sequences took ``seconds`` and produced ``num_tokens``
+        tokens; ``drafted``: some tree held a draft."""
+        if num_seqs < MIN_BATCH or num_tokens < 1:
+            return
+        self.rates.setdefault(batch_bucket(num_seqs), BucketRates()).add(drafted, seconds / num_tokens)
+
+    def drafting_pays(self, num_seqs: int) -> bool | None:
+        """Whether drafting wins at this batch size, as measured; None until both rates are trusted."""
+        rates = self.rates.get(batch_bucket(num_seqs))
+        if rates is None or min(rates.num_plain, rates.num_drafting) < MIN_SAMPLES:
+            return None
+        return rates.drafting_s <= rates.plain_s

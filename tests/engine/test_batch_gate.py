@@ -1,0 +1,96 @@
+"""The batch gate: exact decisions on synthetic step timings, and in the engine."""
+
+import pytest
+
+from specserve.config import SamplingParams, SpeculativeConfig
+from specserve.engine.batch_gate import MIN_BATCH, MIN_SAMPLES, REFRESH, BatchGate, batch_bucket
+
+
+def test_batch_buckets_are_powers_of_two():
+    assert [batch_bucket(n) for n in (1, 2, 3, 4, 5, 16, 17, 32)] == [1, 2, 4, 4, 8, 16, 32, 32]
+
+
+def run(gate: BatchGate, num_seqs: int, steps: int, drafting_s: float, plain_s: float) -> list[bool]:
+    """Decide ``steps`` steps; a drafting step costs drafting_s per token, a plain one plain_s."""
+    decisions = []
+    for _ in range(steps):
+        allowed = gate.allows_drafting(num_seqs)
+        decisions.append(allowed)
+        gate.record(num_seqs, (drafting_s if allowed else plain_s) * num_seqs, num_seqs, allowed)
+    return decisions
+
+
+def test_plain_probes_until_the_plain_rate_is_known_then_drafting_keeps_winning():
+    gate = BatchGate(interval=4)
+    decisions = run(gate, 8, 32, drafting_s=1.0, plain_s=2.0)
+    # steps 4, 8, 12, 16 are plain probes (MIN_SAMPLES of them); then a refresh every 16 steps
+    assert [i + 1 for i, d in enumerate(decisions) if not d] == [4, 8, 12, 16, 32]
+    assert MIN_SAMPLES == 4 and REFRESH * 4 == 16
+    assert gate.drafting_pays(8) is True
+    assert gate.num_closed_steps == 5
+
+
+def test_a_losing_bucket_closes_and_probes_drafting_every_interval():
+    gate = BatchGate(interval=4)
+    decisions = run(gate, 16, 40, drafting_s=2.0, plain_s=1.0)
+    # the first 16 steps: drafting with plain probes at 4, 8, 12, 16; both rates are known
+    # from step 17 on and drafting loses: plain, but drafting probes at 20, 24, ...
+    assert [i + 1 for i, d in enumerate(decisions) if d] == [1, 2, 3, 5, 6, 7, 9, 10, 11, 13, 14, 15, 20, 24, 28,
+                                                              32, 36, 40]
+    assert gate.drafting_pays(16) is False
+    assert gate.drafting_pays(9) is False  # the same bucket
+    assert gate.drafting_pays(8) is None  # nothing measured at batch 8
+
+
+def test_buckets_are_independent_and_the_gate_reopens_when_drafting_wins_again():
+    gate = BatchGate(interval=4)
+    run(gate, 16, 40, drafting_s=2.0, plain_s=1.0)
+    assert all(run(gate, 8, 3, drafting_s=1.0, plain_s=2.0))  # batch 8 starts fresh: drafting
+    # the workload changes at batch 16: every drafting probe now costs a tenth of a plain step
+    later = run(gate, 16, 40, drafting_s=0.1, plain_s=1.0)
+    assert gate.drafting_pays(16) is True
+    assert sum(later[-16:]) == 15  # open again: one refresh probe in 16 steps
+
+
+def test_small_batches_are_never_gated_nor_recorded():
+    gate = BatchGate(interval=2)
+    assert MIN_BATCH == 8
+    assert all(run(gate, 7, 40, drafting_s=2.0, plain_s=1.0))  # drafting would lose: still open
+    assert gate.rates == {} and gate.num_closed_steps == 0
+
+
+def test_steps_without_tokens_are_not_recorded_and_intervals_are_checked():
+    gate = BatchGate(interval=2)
+    gate.record(8, 1.0, 0, True)
+    assert gate.rates == {}
+    with pytest.raises(ValueError, match="interval"):
+        BatchGate(interval=1)
+
+
+def test_engine_gate_closed_keeps_greedy_output_and_steps_plain(make_engine, chat_ids):
+    """A gate that has measured drafting losing at batch 8 keeps the steps plain, but for its
+    drafting probes; greedy output is unchanged. Without the switch-off there is no gate."""
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    prompts = chat_ids[:8]
+    expected = [o.token_ids for o in make_engine().generate(prompts, params)]
+    engine = make_engine(speculative=SpeculativeConfig(method="ngram", max_tree_tokens=8, probe_interval=2))
+    assert engine.gate is not None and engine.gate.interval == 4
+    for _ in range(MIN_SAMPLES):  # measured: drafting 3 s per token, plain 1 s
+        engine.gate.record(8, 24.0, 8, True)
+        engine.gate.record(8, 8.0, 8, False)
+    ids = [engine.add_request(p, params) for p in prompts]
+    engine.step()  # the prompts' prefill: no decode, no gate decision
+    finals, gated = {}, []
+    while len(finals) < len(ids):
+        for out in engine.step():
+            if out.finished:
+                finals[out.request_id] = out
+        if engine.last_step.num_seqs == 8:  # the gate's batch-8 decisions, in order
+            gated.append(engine.last_step.gate_open)
+    assert [finals[i].token_ids for i in ids] == expected
+    # drafting stays the slower (the real steps' rates cannot catch up with 3 s against 1 s):
+    # every step plain but the drafting probes, every 4th
+    assert gated == [(n + 1) % 4 == 0 for n in range(len(gated))] and len(gated) >= 8
+    assert engine.gate.drafting_pays(8) is False
+    no_switch = make_engine(speculative=SpeculativeConfig(method="ngram", switch_off=False))
+    assert no_switch.gate is None
