@@ -15,7 +15,8 @@ Invariant: ``states[seq]`` holds the target states observed for positions from
 ``num_cached[seq] - 1`` on (what the next catch-up reads). A position the target never
 computed for this sequence (a prefix taken from the prefix cache, or position -1) reads zeros.
 Draft-side K/V follow ``ModelDrafter``'s rollback (trim to the root, recompute the accepted).
-Always eager: the draft's extra float input has no place in the CUDA-graph buffers yet.
+With graph buckets, steps that fit run padded from static buffers (CUDA graphs on CUDA), the
+states read travelling in the runner's feature buffer (``cuda_graphs``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ import torch
 from draft_models.feature_draft import FeatureDraft
 from draft_models.model_drafter import ModelDrafter
 from specserve.config import SpeculativeConfig
-from specserve.engine.model_runner import TreeBatchItem, build_inputs
+from specserve.engine.cuda_graphs import GraphBuckets
+from specserve.engine.model_runner import TreeBatchItem
 
 
 class FeatureDrafter(ModelDrafter):
@@ -40,8 +42,10 @@ class FeatureDrafter(ModelDrafter):
         num_blocks: int,
         block_size: int,
         select_counts: Callable[[list[list[float]], float], list[int]] | None = None,
+        graph_buckets: GraphBuckets | None = None,
     ) -> None:
-        super().__init__(model, model.cfg.num_layers, config, num_blocks, block_size, select_counts, None)
+        super().__init__(model, model.cfg.num_layers, config, num_blocks, block_size, select_counts, graph_buckets,
+                         feature_size=model.cfg.hidden_size)
         self.model = model
         self.states: dict[str, tuple[int, torch.Tensor]] = {}  # seq -> (first position, [n, hidden])
         # within one propose: per sequence, the read of its root and the predicted state of every
@@ -74,16 +78,15 @@ class FeatureDrafter(ModelDrafter):
                 out[lo - first_position : hi - first_position] = states[lo - start : hi - start]
         return out
 
-    def _states(self, items: list[TreeBatchItem], reads: torch.Tensor) -> torch.Tensor:
-        """The draft's predicted states [num_tokens, hidden] of every row of ``items``."""
-        inputs = build_inputs(items, self.kv_manager, self.runner.device, self.model.attention.needs_dense_plan)
-        with torch.inference_mode():
-            return self.model(inputs.input_ids, inputs.positions, self.kv_cache.kv, inputs.meta, features=reads)
+    def _states(self, items: list[TreeBatchItem], reads: torch.Tensor, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The draft's logits [len(rows), vocab] at ``rows`` and predicted states [num_tokens,
+        hidden] of every row of ``items`` (reads [num_tokens, hidden]: the state each row reads)."""
+        return self.runner.run(items, rows, return_hidden=True, features=reads)
 
     def _score_chains(self, items: list[TreeBatchItem], rows: list[int]) -> torch.Tensor:
         self._root_reads, self._predicted = {}, {}
         reads = [self._reads(item.seq_id, item.prefix_len - 1, item.tree.num_nodes) for item in items]
-        states = self._states(items, torch.cat(reads))
+        logits, states = self._states(items, torch.cat(reads), rows)
         for item, read, row in zip(items, reads, rows):
             self._root_reads[item.seq_id] = read[-1]
             self._predicted[item.seq_id] = {0: states[row]}
@@ -91,7 +94,7 @@ class FeatureDrafter(ModelDrafter):
             kept = self.states.get(item.seq_id)
             if kept is not None and kept[0] < root:  # the next catch-up reads from the root's state on
                 self.states[item.seq_id] = (root, kept[1][root - kept[0] :])
-        return self.model.compute_logits(states[rows])
+        return logits
 
     def _score_level(
         self, items: list[TreeBatchItem], rows: list[int], needed: list[list[int]], frontier: list[list[int]]
@@ -101,14 +104,14 @@ class FeatureDrafter(ModelDrafter):
             predicted = self._predicted[item.seq_id]
             root_read = self._root_reads[item.seq_id]
             reads += [root_read if parent < 0 else predicted[nodes[parent]] for parent in item.tree.parents]
-        states = self._states(items, torch.stack(reads))
+        logits, states = self._states(items, torch.stack(reads), rows)
         frontier_states = states[rows]
         row = 0
         for item, nodes in zip(items, frontier):
             for node in nodes:
                 self._predicted[item.seq_id][node] = frontier_states[row]
                 row += 1
-        return self.model.compute_logits(frontier_states)
+        return logits
 
     def release(self, seq_id: str) -> None:
         super().release(seq_id)

@@ -52,12 +52,14 @@ class ModelDrafter:
         block_size: int,
         select_counts: Callable[[list[list[float]], float], list[int]] | None = None,
         graph_buckets: GraphBuckets | None = None,
+        feature_size: int | None = None,
     ) -> None:
         """``select_counts(ranked path probabilities per sequence, drafting seconds so far)``
         picks how many of each tree's most probable nodes to keep (the Sequoia-like budget);
         without it every tree keeps up to its request's max_tree_tokens nodes.
         ``graph_buckets``: steps that fit one run padded (CUDA graphs on CUDA); our cache then
-        has one block past the pool, the padding rows' dummy block."""
+        has one block past the pool, the padding rows' dummy block. ``feature_size``: the model
+        reads a state per token (a feature draft; ``ModelRunner``)."""
         if not 1 <= num_layers <= model.cfg.num_layers:
             raise ValueError(f"a drafter needs 1..{model.cfg.num_layers} layers, not {num_layers}")
         device = model.embed_tokens.weight.device
@@ -67,7 +69,8 @@ class ModelDrafter:
             num_layers, num_blocks + (graph_buckets is not None), block_size, model.cfg.num_kv_heads,
             model.cfg.head_dim, model.embed_tokens.weight.dtype, device,
         )
-        self.runner = ModelRunner(model, self.kv_cache, self.kv_manager, num_layers, graph_buckets)
+        self.runner = ModelRunner(model, self.kv_cache, self.kv_manager, num_layers, graph_buckets,
+                                  feature_size=feature_size)
         model.attention.warm_up(  # a draft of other head shapes than the target's has its own variants
             model.cfg, block_size, num_blocks * block_size, model.embed_tokens.weight.dtype, device
         )

@@ -33,6 +33,11 @@ ones the replay writes again), captures it, then replays it. The graphs of one r
 logits into one static buffer, copied out right after each replay.
 Off CUDA (or with ``capture=False``) the same padded forward runs eagerly, which is how the
 padding is tested on the CPU.
+
+A runner built with ``feature_size`` (a feature-level draft, which reads a float state per
+token besides its id) also keeps a static float buffer [T_max, feature_size]: a step's
+features are copied into its first rows on the device; padding rows read whatever the buffer
+holds, which only their own (dummy-block) rows see.
 """
 
 from __future__ import annotations
@@ -57,9 +62,9 @@ TOKEN_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 TOKEN_FIELDS = ("input_ids", "positions", "slot_mapping", "tree_parents", "logit_indices")
 ROW_FIELDS = ("prefix_lens", "tree_lens")
 
-# forward(input_ids [T] int64, positions [T] int64, meta, logit_indices [T] int64)
-#     -> (logits [T, vocab], hidden [T, hidden_size])
-Forward = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# forward(input_ids [T] int64, positions [T] int64, meta, logit_indices [T] int64,
+#         features [T, feature_size] or None) -> (logits [T, vocab], hidden [T, hidden_size])
+Forward = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -215,6 +220,8 @@ class GraphRunner:
         num_cache_blocks: int,
         device: torch.device,
         capture: bool = True,
+        feature_size: int | None = None,
+        feature_dtype: torch.dtype = torch.float32,
     ) -> None:
         if attention.needs_dense_plan:
             raise ValueError(f"padded steps need attention without a host-built plan, not {attention.name!r}")
@@ -241,6 +248,8 @@ class GraphRunner:
         self.logits: torch.Tensor | None = None  # [T_max, vocab] float32, the graphs' shared output
         self.hidden: torch.Tensor | None = None  # [T_max, hidden_size], likewise
         self.forwards: dict[tuple[int, int], Callable[[], tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.features = None if feature_size is None else torch.zeros(
+            max_num_tokens, feature_size, dtype=feature_dtype, device=device)  # [T_max, feature_size]
 
     @property
     def num_captured(self) -> int:
@@ -279,14 +288,20 @@ class GraphRunner:
         return self.buckets.bucket(len(items), num_tokens, num_blocks)
 
     def run(
-        self, items: list[TreeBatchItem], logit_rows: list[int], return_hidden: bool = False
+        self, items: list[TreeBatchItem], logit_rows: list[int], return_hidden: bool = False,
+        features: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits [len(logit_rows), vocab] float32 and, with ``return_hidden``, the hidden states
         [real tokens, hidden_size] (fresh tensors; else None); ``items`` must fit a bucket
-        (``bucket_for``)."""
+        (``bucket_for``). ``features`` [real tokens, feature_size]: with a feature buffer only,
+        and then required."""
         bucket = self.bucket_for(items)
         if bucket is None:
             raise ValueError("this step fits no bucket: run it eagerly")
+        if (features is None) != (self.features is None):
+            raise ValueError("a runner with a feature buffer needs features every step, and only it takes them")
+        if features is not None:
+            self.features[: len(features)].copy_(features)
         if self.copied is not None:
             self.copied.synchronize()  # the previous step's copy has left the host buffer
         tables = [self.kv_manager.block_table(item.seq_id) for item in items]
@@ -314,8 +329,9 @@ class GraphRunner:
                 tree_lens=views["tree_lens"],
                 tree_parents=views["tree_parents"],
             )
+            features = None if self.features is None else self.features[: bucket[1]]
             return self.forward(views["input_ids"].long(), views["positions"].long(), meta,
-                                views["logit_indices"].long())
+                                views["logit_indices"].long(), features)
 
         return forward
 

@@ -104,7 +104,7 @@ def make_drafter(
         if isinstance(draft, FeatureDraft):
             from draft_models.feature_drafter import FeatureDrafter
 
-            return FeatureDrafter(draft, cfg, draft_blocks, block_size, select_counts)
+            return FeatureDrafter(draft, cfg, draft_blocks, block_size, select_counts, graph_buckets)
         return ModelDrafter(draft, draft.cfg.num_layers, cfg, draft_blocks, block_size, select_counts,
                             graph_buckets)
     raise SpecserveError(f"speculative method {cfg.method!r} is not available")

@@ -84,14 +84,19 @@ class ModelRunner:
         num_layers: int | None = None,
         graph_buckets: GraphBuckets | None = None,
         capture: bool = True,
+        feature_size: int | None = None,
     ) -> None:
+        """``feature_size``: the model reads a float state per token besides its id (a feature
+        draft, called as ``model(..., features=)``); ``run`` then takes ``features``."""
         self.model = model
+        self.feature_size = feature_size
         self.kv_cache = kv_cache
         self.kv_manager = kv_manager
         self.num_layers = num_layers
         self.device = kv_cache.kv.device
         self.graphs = None if graph_buckets is None else GraphRunner(
-            self.logits, model.attention, graph_buckets, kv_manager, kv_cache.kv.shape[2], self.device, capture
+            self.logits, model.attention, graph_buckets, kv_manager, kv_cache.kv.shape[2], self.device, capture,
+            feature_size, kv_cache.kv.dtype,
         )
 
     @torch.inference_mode()
@@ -101,25 +106,33 @@ class ModelRunner:
         return 0 if self.graphs is None else self.graphs.capture_all()
 
     def logits(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, logit_indices: torch.Tensor
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, logit_indices: torch.Tensor,
+        features: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The forward: logits [len(logit_indices), vocab] float32 of the given rows, and the
         final-norm hidden states [num_tokens, hidden_size] of every row."""
-        hidden = self.model(input_ids, positions, self.kv_cache.kv, meta, self.num_layers)
+        if self.feature_size is None:
+            hidden = self.model(input_ids, positions, self.kv_cache.kv, meta, self.num_layers)
+        else:
+            hidden = self.model(input_ids, positions, self.kv_cache.kv, meta, self.num_layers, features=features)
         return self.model.compute_logits(hidden.index_select(0, logit_indices)), hidden
 
     @torch.inference_mode()
     def run(
-        self, items: list[TreeBatchItem], logit_rows: list[int], return_hidden: bool = False
+        self, items: list[TreeBatchItem], logit_rows: list[int], return_hidden: bool = False,
+        features: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Forward every tree: logits [len(logit_rows), vocab] float32 of the given rows, and with
         ``return_hidden`` the final-norm hidden states [num_tokens, hidden_size] of every tree
-        row (trees in order; None otherwise)."""
+        row (trees in order; None otherwise). ``features`` [num_tokens, feature_size]: what each
+        row reads, for a runner built with ``feature_size`` (and only then)."""
+        if (features is None) != (self.feature_size is None):
+            raise ValueError("features go with a runner built with feature_size, and only with it")
         if self.graphs is not None and self.graphs.bucket_for(items) is not None:
-            return self.graphs.run(items, logit_rows, return_hidden)
+            return self.graphs.run(items, logit_rows, return_hidden, features)
         inputs = build_inputs(items, self.kv_manager, self.device, self.model.attention.needs_dense_plan)
         rows = torch.tensor(logit_rows, dtype=torch.int64).to(self.device, non_blocking=True)
-        logits, hidden = self.logits(inputs.input_ids, inputs.positions, inputs.meta, rows)
+        logits, hidden = self.logits(inputs.input_ids, inputs.positions, inputs.meta, rows, features)
         return logits, hidden if return_hidden else None
 
 

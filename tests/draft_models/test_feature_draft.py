@@ -1,6 +1,8 @@
 """Feature-level (EAGLE-style) drafts: the unrolled training forward against the paged drafter,
 the states the engine hands over, save/load, and greedy output unchanged."""
 
+import copy
+
 import pytest
 import torch
 
@@ -23,8 +25,10 @@ from specserve.config import (
     SpeculationParams,
     SpeculativeConfig,
 )
+from specserve.engine.cuda_graphs import GraphBuckets
 from specserve.engine.llm_engine import LLMEngine
 from specserve.errors import SpecserveError
+from specserve.models.attention import BACKENDS
 from specserve.models.loader import load_model
 from tests.models.test_llama_vs_transformers import save_with_tokenizer
 from tests.models.tiny import tiny_hf_model
@@ -107,6 +111,52 @@ def test_drafter_chain_equals_the_unrolled_dense_passes(draft):
         stepped.observe("s", 6, states[6:9])
         (again,) = stepped.propose([DraftRequest("s", tokens[:10], 3, 3)])
     assert again == tree
+
+
+def test_padded_steps_propose_the_same_trees_and_states(draft):
+    """With graph buckets (padded steps from static buffers; a CUDA graph on CUDA, eager here)
+    the drafter reads its states through the runner's feature buffer: same trees, same
+    predicted states, step after step, as the unpadded drafter."""
+    buckets = GraphBuckets(seq_sizes=(1, 2, 4), token_sizes=(4, 8, 16, 32), max_num_blocks=16)
+    dynamic = SpeculativeConfig(method="draft", draft_model="unused", tree="dynamic", top_k=2, max_tree_tokens=6,
+                                max_depth=3)
+    generator = torch.Generator().manual_seed(1)
+    tokens = {s: torch.randint(3, 120, (n,), generator=generator).tolist() for s, n in (("a", 9), ("b", 5))}
+    states = {s: torch.randn(len(t), draft.cfg.hidden_size, generator=generator) for s, t in tokens.items()}
+    draft = copy.copy(draft)  # the same weights on the reference attention (padding wants no host-built plan)
+    draft.attention = BACKENDS["reference"]
+    drafters = [FeatureDrafter(draft, dynamic, num_blocks=64, block_size=4, graph_buckets=b) for b in (None, buckets)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # bitwise padded-vs-unpadded matmuls (tests/engine/test_cuda_graphs.py)
+    try:
+        run_both(drafters, tokens, states, generator)
+    finally:
+        torch.set_num_threads(threads)
+    graphs = drafters[1].runner.graphs
+    assert graphs.features is not None and len(graphs.forwards) >= 3 and graphs.num_captured == 0
+
+
+def run_both(drafters, tokens, states, generator):
+    """Three propose/observe steps of both drafters; every tree and predicted state equal."""
+    with torch.no_grad():
+        for drafter in drafters:
+            for seq_id, seq_states in states.items():
+                drafter.observe(seq_id, 0, seq_states[:-1])
+        for step in range(3):
+            requests = [DraftRequest(seq_id, ids, 6, 3) for seq_id, ids in tokens.items()]
+            trees = [drafter.propose(requests) for drafter in drafters]
+            assert trees[0] == trees[1]
+            for seq_id in tokens:
+                eager, padded = (d._predicted[seq_id] for d in drafters)
+                assert eager.keys() == padded.keys()
+                for node in eager:
+                    torch.testing.assert_close(padded[node], eager[node], rtol=0, atol=1e-6)
+            for (seq_id, ids), tree in zip(tokens.items(), trees[0]):
+                new = list(tree.token_ids[1:2]) + [30 + step]
+                fresh = torch.randn(len(new), states["a"].shape[1], generator=generator)
+                for drafter in drafters:
+                    drafter.observe(seq_id, len(ids) - 1, fresh)
+                tokens[seq_id] = ids + new
 
 
 def test_observe_overwrites_later_positions_and_reads_zeros_where_unknown(draft):
