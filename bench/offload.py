@@ -8,7 +8,8 @@ Per model (real SmolLM2 fully offloaded; a Llama-3-8B shape with RANDOM bf16 wei
 - host-to-device bandwidth (pinned, best of several 1 GB copies);
 - the time of one forward of T tree tokens (T = 1, 64, 256) over a 512-token context, and the
   copy floor: streamed bytes / measured bandwidth;
-- greedy decoding of the chat prompts with speculation off and with --spec (real model only),
+- greedy decoding of a prompt set's prompts (--prompt-set, chat by default) with speculation off
+  and with --spec (real model only),
   tokens/s and mean accepted length; for the random-weight model the tokens/s with speculation
   is *estimated* from its measured pass times and the real model's acceptance and drafting
   time per step (labelled).
@@ -22,7 +23,8 @@ import time
 
 import torch
 
-from bench.common import PROMPTS_DIR, environment, load_prompts, save_json, sync
+from bench.common import environment, save_json, sync
+from bench.prompt_sets import load_prompt_set, prompt_token_ids
 from specserve.config import (
     CacheConfig,
     EngineConfig,
@@ -32,7 +34,6 @@ from specserve.config import (
 )
 from specserve.engine.llm_engine import LLMEngine
 from specserve.engine.model_runner import TreeBatchItem
-from specserve.engine.prompts import chat_prompt_ids
 from specserve.models.config import LlamaArchConfig, RopeScaling
 from specserve.models.loader import LoadedModel, load_model, random_model
 from specserve.offload.offloaded_model import offload_model
@@ -151,6 +152,7 @@ def pass_figures(loaded: LoadedModel, sizes: tuple[int, ...], context: int, repe
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompt-set", default="chat", help="chat, humaneval, ... (bench.prompt_sets); the first prompt warms up")
     parser.add_argument("--num-prompts", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--spec", default='{"method": "ngram", "max_tree_tokens": 64, "max_depth": 16}')
@@ -180,8 +182,9 @@ def main() -> None:
         "streamed_bytes": real.residency.host_bytes, "copy_floor_s": floor, "passes": passes,
     }
     save_json(result_name, result, args.out)  # after every part: a call cut short keeps what it measured
-    prompts = [chat_prompt_ids(real.tokenizer, [{"role": "user", "content": p}])
-               for p in load_prompts(PROMPTS_DIR / "chat.jsonl", args.num_prompts + 1)]
+    prompt_set = load_prompt_set(args.prompt_set, args.num_prompts + 1)
+    prompts = [prompt_token_ids(real.tokenizer, p, prompt_set.chat_template) for p in prompt_set.prompts]
+    result["prompt_set"] = prompt_set.name
     decode = {}
     for mode in modes:
         off = decode_run(real, SpeculativeConfig(), prompts, args.max_tokens, mode == "graphs")
