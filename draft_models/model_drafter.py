@@ -74,7 +74,10 @@ class ModelDrafter:
         model.attention.warm_up(  # a draft of other head shapes than the target's has its own variants
             model.cfg, block_size, num_blocks * block_size, model.embed_tokens.weight.dtype, device
         )
-        self.runner.capture_graphs()  # no first-capture stalls mid-serving (none off CUDA)
+        # no first-capture stalls mid-serving (none off CUDA); not over streamed layers, whose
+        # capture copies their weights twice per bucket (the engine skips those too)
+        if num_layers <= getattr(model, "num_resident", num_layers):
+            self.runner.capture_graphs()
         self.num_cached: dict[str, int] = {}  # tokens of each sequence with K/V in our cache
         self.select_counts = select_counts
 

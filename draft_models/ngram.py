@@ -48,8 +48,9 @@ class NgramIndex:
         self.starts: dict[int, dict[tuple[int, ...], list[int]]] = {n: {} for n in range(n_min, n_max + 1)}
 
     def sync(self, token_ids: list[int]) -> None:
-        """Index ``token_ids``: extended when it continues what is indexed (same first and last
-        indexed token: an engine sequence only grows), else rebuilt."""
+        """Index ``token_ids``, which must continue what is indexed (an engine sequence only
+        grows; a reused id must be released first). A cheap guard rebuilds when the length
+        shrank or the first or last indexed token changed; other rewrites go unseen."""
         known = len(self.tokens)
         if len(token_ids) < known or (known and (token_ids[known - 1], token_ids[0]) != (self.tokens[-1], self.tokens[0])):
             self.__init__(self.n_min, self.n_max)

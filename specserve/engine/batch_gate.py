@@ -80,10 +80,14 @@ class BatchGate:
         self.rates: dict[int, BucketRates] = {}
         self.num_closed_steps = 0  # steps the gate kept plain (probes included)
 
-    def allows_drafting(self, num_seqs: int) -> bool:
-        """Decide the next decode step of ``num_seqs`` sequences (call once per step)."""
+    def allows_drafting(self, num_seqs: int, decide: bool = True) -> bool:
+        """Decide the next decode step of ``num_seqs`` sequences (call once per step).
+        ``decide`` False (a step that also prefills, which the engine does not measure): no
+        probe and no count, only the measured verdict (drafting unless it is known to lose)."""
         if num_seqs < MIN_BATCH:
             return True
+        if not decide:
+            return self.drafting_pays(num_seqs) is not False
         rates = self.rates.setdefault(batch_bucket(num_seqs), BucketRates())
         rates.num_steps += 1
         due = rates.num_steps % self.interval == 0

@@ -205,7 +205,8 @@ def pack_step(
 
 class GraphRunner:
     """Runs ``forward`` at bucketed shapes from static buffers; on CUDA (``capture``) each
-    bucket's forward is a CUDA graph, captured the first time the bucket is used.
+    bucket's forward is a CUDA graph, captured by ``capture_all`` (the engine calls it at
+    start-up) or else the first time the bucket is used.
 
     ``num_cache_blocks``: blocks of the KV tensors; the last one is the dummy block and must lie
     outside ``kv_manager``'s pool.
@@ -301,6 +302,9 @@ class GraphRunner:
         if (features is None) != (self.features is None):
             raise ValueError("a runner with a feature buffer needs features every step, and only it takes them")
         if features is not None:
+            if len(features) != sum(item.tree.num_nodes for item in items):
+                raise ValueError(f"features has {len(features)} rows for a step of "
+                                 f"{sum(item.tree.num_nodes for item in items)} tokens")
             self.features[: len(features)].copy_(features)
         if self.copied is not None:
             self.copied.synchronize()  # the previous step's copy has left the host buffer

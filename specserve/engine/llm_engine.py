@@ -242,9 +242,12 @@ class LLMEngine:
         if not self.sequences:
             return []
         step_start = time.perf_counter()
-        # the batch gate decides before scheduling: a plain step reserves no draft slots
+        # the batch gate decides before scheduling: a plain step reserves no draft slots. Only a
+        # step that can only decode (nothing waiting or prefilling) counts as a decision and is
+        # measured; others follow the bucket's measured rates without probing
         num_decoding = sum(not seq.is_prefilling for seq in self.scheduler.running)
-        gate_open = self.gate is None or not num_decoding or self.gate.allows_drafting(num_decoding)
+        decode_only = num_decoding == len(self.scheduler.running) and not self.scheduler.waiting
+        gate_open = self.gate is None or not num_decoding or self.gate.allows_drafting(num_decoding, decide=decode_only)
         plan = self.scheduler.schedule(gate_open)
         self.kv_cache.copy_blocks(plan.block_copies)
         if not plan.scheduled:
@@ -330,9 +333,12 @@ class LLMEngine:
                 self.drafter.observe(seq.request_id, prefix_len, hidden[[first_row + n for n in result.accepted_nodes]])
             outputs.append(self._output(seq, new_tokens, text_ends))
         total_s = time.perf_counter() - step_start
-        if self.gate is not None and decodes and not prefills:
-            num_new = sum(len(result.accepted_nodes) for result in results)
-            self.gate.record(len(decodes), total_s, num_new, any(tree.num_nodes > 1 for tree in trees))
+        if self.gate is not None and decode_only and decodes and not prefills:
+            # a step the gate kept plain in which never-gated requests drafted measures neither rate
+            drafted = any(tree.num_nodes > 1 for tree in trees)
+            if gate_open or not drafted:
+                num_new = sum(len(result.accepted_nodes) for result in results)
+                self.gate.record(num_decoding, total_s, num_new, drafted)
         self.last_step = StepStats(
             num_seqs=len(items),
             num_tokens=sum(item.tree.num_nodes for item in items),

@@ -52,7 +52,7 @@ def test_the_incremental_index_equals_a_full_scan_at_every_step():
 def test_a_sequence_that_does_not_continue_its_index_is_reindexed_and_release_forgets_it():
     drafter = NgramDrafter(ngram_max=2, ngram_min=1, max_paths=2)
     drafter.propose([DraftRequest("s", [1, 2, 3, 1, 2], max_tree_tokens=4, max_depth=2)])
-    other = [7, 8, 7, 9, 7]  # same id, other tokens (the id was reused)
+    other = [7, 8, 7, 9, 7]  # same id, other tokens (reused without a release; the guard sees the first token)
     (tree,) = drafter.propose([DraftRequest("s", other, max_tree_tokens=4, max_depth=2)])
     assert tree == tree_from_paths_within_budget(7, scan_continuations(other, 2, 1, 2, 2), 4)
     assert tree == TokenTree.from_paths(7, [[9, 7], [8, 7]])

@@ -94,3 +94,37 @@ def test_engine_gate_closed_keeps_greedy_output_and_steps_plain(make_engine, cha
     assert engine.gate.drafting_pays(8) is False
     no_switch = make_engine(speculative=SpeculativeConfig(method="ngram", switch_off=False))
     assert no_switch.gate is None
+
+
+def test_steps_that_also_prefill_follow_the_verdict_without_counting_or_probing():
+    gate = BatchGate(interval=4)
+    assert gate.allows_drafting(16, decide=False) is True  # nothing measured: draft
+    assert gate.rates == {}  # no decision counted
+    run(gate, 16, 40, drafting_s=2.0, plain_s=1.0)  # drafting measured to lose
+    steps = gate.rates[16].num_steps
+    assert [gate.allows_drafting(16, decide=False) for _ in range(8)] == [False] * 8  # no drafting probes
+    assert gate.rates[16].num_steps == steps
+
+
+def test_a_closed_step_in_which_never_gated_requests_drafted_is_not_measured(make_engine, chat_ids):
+    """A seeded sampled request is never gated: while the gate keeps the others plain it still
+    drafts, and such a step is neither a plain nor a drafting sample."""
+    engine = make_engine(speculative=SpeculativeConfig(method="ngram", max_tree_tokens=8, probe_interval=2))
+    for _ in range(MIN_SAMPLES):  # measured: drafting 3 s per token, plain 1 s
+        engine.gate.record(8, 24.0, 8, True)
+        engine.gate.record(8, 8.0, 8, False)
+    greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    seeded = SamplingParams(max_tokens=12, temperature=0.8, seed=3, ignore_eos=True)
+    for i, prompt in enumerate(chat_ids[:8]):
+        engine.add_request(prompt, seeded if i == 0 else greedy)
+    engine.step()  # prefill
+    counts = []
+    while engine.has_unfinished():
+        before = (engine.gate.rates[8].num_plain, engine.gate.rates[8].num_drafting)
+        engine.step()
+        after = (engine.gate.rates[8].num_plain, engine.gate.rates[8].num_drafting)
+        if engine.last_step.num_seqs == 8:
+            counts.append((engine.last_step.gate_open, engine.last_step.num_draft_tokens > 0, after != before))
+    # closed steps that drafted (the seeded request) are never recorded; every other one is
+    assert all(recorded == (gate_open or not drafted) for gate_open, drafted, recorded in counts)
+    assert any(not gate_open and drafted for gate_open, drafted, _ in counts)
