@@ -13,27 +13,44 @@ hundred tokens took about 0.4 ms of Python per step scanned).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 from draft_models.base import DraftRequest
 from specserve.tree import TokenTree
 from specserve.tree.builders import tree_from_paths_within_budget
+
+
+def longest_suffix_paths(
+    tokens: list[int], depth: int, n_min: int, n_max: int, max_paths: int,
+    occurrences: Callable[[int], Iterable[int]],
+) -> list[list[int]]:
+    """Up to ``max_paths`` distinct continuations (at most ``depth`` tokens each) of the longest
+    suffix, n in [n_min, n_max], that occurred before; ``occurrences(n)``: the earlier starts of
+    the n-token suffix, newest first (the suffix's own start excluded)."""
+    n_tokens = len(tokens)
+    for n in range(min(n_max, n_tokens - 1), n_min - 1, -1):
+        paths: list[list[int]] = []
+        for start in occurrences(n):
+            path = tokens[start + n : start + n + depth]
+            if path and path not in paths:
+                paths.append(path)
+                if len(paths) == max_paths:
+                    break
+        if paths:
+            return paths
+    return []
 
 
 def scan_continuations(token_ids: list[int], depth: int, n_min: int, n_max: int, max_paths: int) -> list[list[int]]:
     """The reference of ``NgramIndex.continuations``: scan the whole sequence for each suffix
     length, newest occurrence first (what the drafter did before it kept an index)."""
     n_tokens = len(token_ids)
-    for n in range(min(n_max, n_tokens - 1), n_min - 1, -1):
-        paths = []
-        for start in range(n_tokens - n - 1, -1, -1):
-            if token_ids[start : start + n] == token_ids[n_tokens - n :]:
-                path = token_ids[start + n : start + n + depth]
-                if path and path not in paths:
-                    paths.append(path)
-                    if len(paths) == max_paths:
-                        break
-        if paths:
-            return paths
-    return []
+
+    def occurrences(n: int) -> Iterable[int]:
+        suffix = token_ids[n_tokens - n :]
+        return (s for s in range(n_tokens - n - 1, -1, -1) if token_ids[s : s + n] == suffix)
+
+    return longest_suffix_paths(token_ids, depth, n_min, n_max, max_paths, occurrences)
 
 
 class NgramIndex:
@@ -64,19 +81,12 @@ class NgramIndex:
     def continuations(self, depth: int, max_paths: int) -> list[list[int]]:
         """Up to ``max_paths`` distinct continuations of the longest recurring suffix, newest first."""
         tokens, n_tokens = self.tokens, len(self.tokens)
-        for n in range(min(self.n_max, n_tokens - 1), self.n_min - 1, -1):
-            paths: list[list[int]] = []
-            for start in reversed(self.starts[n].get(tuple(tokens[n_tokens - n :]), ())):
-                if start > n_tokens - n - 1:  # the suffix itself
-                    continue
-                path = tokens[start + n : start + n + depth]
-                if path and path not in paths:
-                    paths.append(path)
-                    if len(paths) == max_paths:
-                        break
-            if paths:
-                return paths
-        return []
+
+        def occurrences(n: int) -> Iterable[int]:  # the suffix's own start is the newest: skipped
+            starts = self.starts[n].get(tuple(tokens[n_tokens - n :]), ())
+            return (s for s in reversed(starts) if s <= n_tokens - n - 1)
+
+        return longest_suffix_paths(tokens, depth, self.n_min, self.n_max, max_paths, occurrences)
 
 
 class NgramDrafter:
