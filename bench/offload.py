@@ -164,6 +164,10 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.quick:
         args.num_prompts, args.max_tokens, args.skip_8b = 2, 4, True
+    try:  # bad input stops here, before minutes of pass measurements
+        prompt_set = load_prompt_set(args.prompt_set, args.num_prompts + 1)
+    except (ValueError, OSError) as exc:
+        parser.error(f"--prompt-set: {exc}")
     sizes, repeats = ((1, 8) if args.quick else (1, 64, 256)), (1 if args.quick else 5)
     bandwidth = host_to_device_gbps(device)
     log(f"host to device {bandwidth:.1f} GB/s")
@@ -182,7 +186,6 @@ def main() -> None:
         "streamed_bytes": real.residency.host_bytes, "copy_floor_s": floor, "passes": passes,
     }
     save_json(result_name, result, args.out)  # after every part: a call cut short keeps what it measured
-    prompt_set = load_prompt_set(args.prompt_set, args.num_prompts + 1)
     prompts = [prompt_token_ids(real.tokenizer, p, prompt_set.chat_template) for p in prompt_set.prompts]
     result["prompt_set"] = prompt_set.name
     decode = {}
