@@ -7,7 +7,9 @@ Per model (real SmolLM2 fully offloaded; a Llama-3-8B shape with RANDOM bf16 wei
 8 GB budget, labelled as such) it measures in one run:
 - host-to-device bandwidth (pinned, best of several 1 GB copies);
 - the time of one forward of T tree tokens (T = 1, 64, 256) over a 512-token context, and the
-  copy floor: streamed bytes / measured bandwidth;
+  copy floor: streamed bytes / measured bandwidth; for SmolLM2 once per --num-buffers value
+  (working buffers the streamed layers rotate through), the decode runs and the 8B shape then
+  using the value whose largest graphed (else eager) pass was fastest;
 - greedy decoding of a prompt set's prompts (--prompt-set, chat by default) with speculation off
   and with --spec (real model only),
   tokens/s and mean accepted length; for the random-weight model the tokens/s with speculation
@@ -157,6 +159,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--spec", default='{"method": "ngram", "max_tree_tokens": 64, "max_depth": 16}')
     parser.add_argument("--budget-gb", type=float, default=8.0, help="GPU weight budget for the 8B shape")
+    parser.add_argument("--modes", default="eager,graphs", help="on CUDA: eager, graphs or both (the CPU runs eager)")
+    parser.add_argument("--num-buffers", default="2", help="comma-separated working-buffer counts to time (each >= 2)")
     parser.add_argument("--skip-8b", action="store_true")
     parser.add_argument("--quick", action="store_true", help="CPU smoke run: few tokens, no 8B shape")
     parser.add_argument("--out", default=None)
@@ -168,6 +172,14 @@ def main() -> None:
         prompt_set = load_prompt_set(args.prompt_set, args.num_prompts + 1)
     except (ValueError, OSError) as exc:
         parser.error(f"--prompt-set: {exc}")
+    try:
+        buffer_counts = [int(x) for x in args.num_buffers.split(",") if x.strip()]
+    except ValueError:
+        parser.error(f"--num-buffers: expected comma-separated integers, not {args.num_buffers!r}")
+    if not set(args.modes.split(",")) <= {"eager", "graphs"} or not args.modes.strip(","):
+        parser.error(f"--modes: eager, graphs or eager,graphs, not {args.modes!r}")
+    if not buffer_counts or min(buffer_counts) < 2:
+        parser.error(f"--num-buffers: every count must be at least 2, not {args.num_buffers!r}")
     sizes, repeats = ((1, 8) if args.quick else (1, 64, 256)), (1 if args.quick else 5)
     bandwidth = host_to_device_gbps(device)
     log(f"host to device {bandwidth:.1f} GB/s")
@@ -176,14 +188,23 @@ def main() -> None:
     result_name = "offload_" + ("gpu" if device.type == "cuda" else "cpu")
 
     dtype = "bfloat16" if device.type == "cuda" else "float32"
-    modes = ("eager", "graphs") if device.type == "cuda" else ("eager",)
+    modes = tuple(m for m in ("eager", "graphs") if m in args.modes.split(",")) if device.type == "cuda" else ("eager",)
     spec = SpeculativeConfig.parse(args.spec)
-    real = load_model(ModelConfig(device=str(device), dtype=dtype, offload=True))
-    floor = real.residency.host_bytes / (bandwidth * 1e9)
-    passes = pass_figures(real, sizes, 512 if not args.quick else 16, repeats, floor, 1.0, modes)
-    log(f"smollm2 passes: {passes}")
+    by_buffers = {}
+    for count in buffer_counts:
+        real = load_model(ModelConfig(device=str(device), dtype=dtype, offload=True, offload_buffers=count))
+        floor = real.residency.host_bytes / (bandwidth * 1e9)
+        by_buffers[count] = pass_figures(real, sizes, 512 if not args.quick else 16, repeats, floor, 1.0, modes)
+        log(f"smollm2 passes, {count} buffers: {by_buffers[count]}")
+        if count != buffer_counts[-1]:
+            del real
+    best_buffers = min(buffer_counts, key=lambda b: by_buffers[b][modes[-1]]["pass_s"][max(sizes)])
+    if best_buffers != buffer_counts[-1]:
+        real = load_model(ModelConfig(device=str(device), dtype=dtype, offload=True, offload_buffers=best_buffers))
     result["models"]["smollm2-135m (real weights, fully offloaded)"] = {
-        "streamed_bytes": real.residency.host_bytes, "copy_floor_s": floor, "passes": passes,
+        "streamed_bytes": real.residency.host_bytes, "copy_floor_s": floor,
+        "passes": by_buffers[best_buffers], "num_buffers": best_buffers,
+        "passes_by_num_buffers": by_buffers,
     }
     save_json(result_name, result, args.out)  # after every part: a call cut short keeps what it measured
     prompts = [prompt_token_ids(real.tokenizer, p, prompt_set.chat_template) for p in prompt_set.prompts]
@@ -203,10 +224,11 @@ def main() -> None:
     del real
 
     if not args.skip_8b:
-        plan = plan_residency(LLAMA3_8B, torch.bfloat16, args.budget_gb)
+        plan = plan_residency(LLAMA3_8B, torch.bfloat16, args.budget_gb, best_buffers)
         weights_device = random_weights_device(plan.host_bytes + plan.device_bytes, device)
         log(f"8B shape: drawing random weights on {weights_device}, {plan.num_resident} resident layers")
-        model = offload_model(random_model(LLAMA3_8B, weights_device, torch.bfloat16), device, plan.num_resident)
+        model = offload_model(random_model(LLAMA3_8B, weights_device, torch.bfloat16), device, plan.num_resident,
+                              best_buffers)
         if device.type == "cuda":
             torch.cuda.empty_cache()
         log("8B shape: offloaded")
@@ -217,7 +239,7 @@ def main() -> None:
         log(f"8B shape passes: {passes}")
         best = {n: min(p["pass_s"][n] for p in passes.values()) for n in sizes}
         result["models"]["llama3-8b shape (RANDOM bf16 weights)"] = {
-            "budget_gb": args.budget_gb, "resident_layers": plan.num_resident, "streamed_bytes": plan.host_bytes,
+            "budget_gb": args.budget_gb, "num_buffers": best_buffers, "resident_layers": plan.num_resident, "streamed_bytes": plan.host_bytes,
             "copy_floor_s": floor, "passes": passes,
             "tokens_per_s_off": 1 / best[1],
             "tokens_per_s_spec_estimated": accepted / (best[max(sizes)] + draft_s),
@@ -229,9 +251,10 @@ def main() -> None:
     path = save_json(result_name, result, args.out)
     print(f"host->device {bandwidth:.1f} GB/s")
     for name, m in result["models"].items():
-        for mode, p in m["passes"].items():
-            ratio = ", ".join(f"T={n}: {r:.2f}x" for n, r in p["pass_over_floor"].items())
-            print(f"{name} [{mode}]: pass / copy floor {ratio}")
+        for count, passes in m.get("passes_by_num_buffers", {m["num_buffers"]: m["passes"]}).items():
+            for mode, p in passes.items():
+                ratio = ", ".join(f"T={n}: {r:.2f}x" for n, r in p["pass_over_floor"].items())
+                print(f"{name} [{mode}, {count} buffers]: pass / copy floor {ratio}")
         for mode, d in m.get("decode", {}).items():
             print(f"{name} [{mode}]: off {d['speculation_off']['ms_per_token']:.2f} ms/token, "
                   f"spec {d['speculation_on']['ms_per_token']:.2f} ms/token "

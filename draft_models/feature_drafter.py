@@ -113,6 +113,16 @@ class FeatureDrafter(ModelDrafter):
                 row += 1
         return logits
 
+    def _chain_root_states(self, requests) -> torch.Tensor:
+        return torch.stack([self._predicted[r.seq_id][0] for r in requests])
+
+    def _chain_level(self, items: list[TreeBatchItem], tokens: torch.Tensor,
+                     states: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A chain token reads its parent's predicted state (``states``) and predicts its own."""
+        logits, predicted = self.runner.run(items, list(range(len(items))), return_hidden=True, features=states,
+                                            input_ids=tokens)
+        return logits, predicted
+
     def release(self, seq_id: str) -> None:
         super().release(seq_id)
         self.states.pop(seq_id, None)

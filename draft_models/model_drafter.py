@@ -9,6 +9,12 @@ committed tokens of every sequence it drafts for. One ``propose`` call, for ever
    to the frontier nodes (a small tree, recomputed whole, so no level depends on slots written
    by another) and reads the frontier's logits.
 
+   With ``tree="chain"`` (``ChainTreeBuilder``) the frontier is one node per sequence, the
+   draft's top-1 so far, so levels need no host decision: level d runs the chain's depth-d
+   token (taken on the device from level d-1's top candidates) at position root + d, its K/V
+   written past the root like a tree node's, and the candidates of every level are read back
+   once, after the last (``_propose_chain``). The result equals the level-by-level loop's.
+
 Invariant: after ``propose``, the drafter's cache holds exactly the sequence's tokens up to and
 including the root at positions 0 .. root; draft nodes' slots lie past it and are released at
 the next call (rollback to the accepted path is a trim: accepted tokens are recomputed as part
@@ -30,14 +36,23 @@ from specserve.engine.cuda_graphs import GraphBuckets
 from specserve.engine.model_runner import ModelRunner, TreeBatchItem
 from specserve.models.llama import LlamaForCausalLM
 from specserve.tree import TokenTree
-from specserve.tree.builders import Candidates, DynamicTreeBuilder, StaticTreeBuilder
+from specserve.tree.builders import (
+    Candidates,
+    ChainTreeBuilder,
+    DynamicTreeBuilder,
+    StaticTreeBuilder,
+)
 
 
 def top_candidates(logits: torch.Tensor, k: int) -> list[Candidates]:
     """logits [rows, vocab] -> per row the k most likely (token, probability), best first."""
-    probs = torch.softmax(logits.float(), dim=-1)
-    values, indices = torch.topk(probs, k, dim=-1)
+    values, indices = top_on_device(logits, k)
     return [list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
+
+
+def top_on_device(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [rows, vocab] -> (probabilities [rows, k] float32, token ids [rows, k]), best first."""
+    return torch.topk(torch.softmax(logits.float(), dim=-1), k, dim=-1)
 
 
 class ModelDrafter:
@@ -84,13 +99,15 @@ class ModelDrafter:
     @property
     def num_candidates(self) -> int:
         cfg = self.config
-        return cfg.top_k if cfg.tree == "dynamic" else max(cfg.widths)
+        return cfg.top_k if cfg.tree in ("dynamic", "chain") else max(cfg.widths)
 
     def max_nodes_created(self, max_tree_tokens: int, max_depth: int) -> int:
         """Upper bound on the nodes one level's subtree can hold (slots to reserve)."""
         cfg = self.config
         if cfg.tree == "dynamic":  # a request's max_depth may exceed ours: the builder caps it
             return 1 + min(max_depth, cfg.max_depth) * cfg.top_k * cfg.top_k
+        if cfg.tree == "chain":  # the root and the chain's tokens run; side leaves never do
+            return 1 + min(max_depth, cfg.max_depth)
         return 1 + max_tree_tokens
 
     def _builder(self, requests: list[DraftRequest]):
@@ -99,6 +116,8 @@ class ModelDrafter:
         depths = [min(r.max_depth, self.config.max_depth) for r in requests]
         if self.config.tree == "dynamic":
             return DynamicTreeBuilder(roots, self.config.top_k, budgets, depths)
+        if self.config.tree == "chain":
+            return ChainTreeBuilder(roots, self.config.top_k, budgets, depths)
         return StaticTreeBuilder(roots, self.config.widths, budgets, depths)
 
     def propose(self, requests: list[DraftRequest]) -> list[TokenTree]:
@@ -126,10 +145,13 @@ class ModelDrafter:
             rows.append(row - 1)
         logits = self._score_chains(items, rows)
         builder = self._builder(requests)
-        candidates = top_candidates(logits, self.num_candidates)
         root_prefix = [len(r.token_ids) - 1 for r in requests]
         for r in requests:
             self.num_cached[r.seq_id] = len(r.token_ids)
+        if isinstance(builder, ChainTreeBuilder) and self.fast_chain:
+            self._propose_chain(requests, builder, logits, root_prefix)
+            return self._finish(builder, requests, propose_start)
+        candidates = top_candidates(logits, self.num_candidates)
         builder.extend([[candidates[s]] if builder.frontier()[s] else [] for s in range(len(requests))])
 
         # levels 1..: run root-to-frontier paths, extend by the frontier's candidates
@@ -154,10 +176,57 @@ class ModelDrafter:
                 per_seq[s] = flat[start : start + count]
                 start += count
             builder.extend(per_seq)
+        return self._finish(builder, requests, propose_start)
+
+    def _finish(self, builder, requests: list[DraftRequest], propose_start: float) -> list[TokenTree]:
         if self.select_counts is None:
             return builder.trees()
         counts = self.select_counts(builder.path_probs(), time.perf_counter() - propose_start)
         return builder.trees([min(c, r.max_tree_tokens) for c, r in zip(counts, requests)])
+
+    def _propose_chain(self, requests: list[DraftRequest], builder: ChainTreeBuilder, root_logits: torch.Tensor,
+                       root_prefix: list[int]) -> None:
+        """Grow chain trees with one read-back: level d (1 .. depth - 1) runs, for every sequence
+        still that deep, its chain's depth-d token at position root + d, the token chosen on the
+        device from level d-1's top candidates (level 0: the root's)."""
+        depths = [min(r.max_depth, self.config.max_depth) if r.max_tree_tokens > 0 else 0 for r in requests]
+        k = self.config.top_k
+        active = [s for s, d in enumerate(depths) if d > 0]
+        levels = [(active, *top_on_device(root_logits[active] if len(active) < len(requests) else root_logits, k))]
+        states = self._chain_root_states([requests[s] for s in active])
+        for level in range(1, max(depths, default=0)):
+            previous, _, ids = levels[-1]
+            active = [s for s in previous if depths[s] > level]
+            keep = None if len(active) == len(previous) else torch.tensor(
+                [previous.index(s) for s in active], device=ids.device)
+            tokens = ids[:, 0] if keep is None else ids[keep, 0]
+            if states is not None and keep is not None:
+                states = states[keep]
+            items = [TreeBatchItem(requests[s].seq_id, root_prefix[s] + level, TokenTree.chain([0])) for s in active]
+            logits, states = self._chain_level(items, tokens, states)
+            levels.append((active, *top_on_device(logits, k)))
+        values = torch.cat([v for _, v, _ in levels]).tolist()  # the one read-back
+        indices = torch.cat([i for _, _, i in levels]).tolist()
+        row = 0
+        for seqs, _, _ in levels:
+            candidates: list[list[Candidates]] = [[] for _ in requests]
+            for s in seqs:
+                candidates[s] = [list(zip(indices[row], values[row]))]
+                row += 1
+            builder.extend(candidates)
+
+    fast_chain = True  # False: chain trees through the level-by-level loop (the reference, in tests)
+
+    def _chain_root_states(self, requests: list[DraftRequest]) -> torch.Tensor | None:
+        """What the chain's first token reads besides its id (a feature draft: the root's predicted
+        state); None for a token-level draft."""
+        return None
+
+    def _chain_level(self, items: list[TreeBatchItem], tokens: torch.Tensor,
+                     states: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One chain level: logits [len(items), vocab] of the one-token trees ``items`` run with
+        ``tokens`` [len(items)] (on the device), and what the next level reads (None here)."""
+        return self.runner.run(items, list(range(len(items))), input_ids=tokens)[0], None
 
     def _score_chains(self, items: list[TreeBatchItem], rows: list[int]) -> torch.Tensor:
         """Logits [len(rows), vocab] of the catch-up chains (each ends with its tree's root)."""

@@ -34,6 +34,7 @@ class ModelConfig:
     attention_backend: str = "auto"  # auto: the Triton kernel on CUDA, batched dense on the CPU
     offload: bool = False  # keep layers in host memory, stream them to the device per forward
     gpu_memory_budget_gb: float | None = None  # offload: weights kept on the device (None: none)
+    offload_buffers: int = 2  # offload: device working buffers the streamed layers rotate through
     # True: every forward runs eagerly. False (the default): decode/verify steps that fit a bucket
     # replay CUDA graphs (CUDA with Triton attention; see specserve/engine/cuda_graphs.py); off
     # CUDA every forward is eager whatever this says.
@@ -42,6 +43,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.gpu_memory_budget_gb is not None and (not self.offload or self.gpu_memory_budget_gb <= 0):
             raise SpecserveError("--gpu-memory-budget needs --offload and a positive number of GB")
+        if self.offload_buffers < 2:
+            raise SpecserveError(f"--offload-buffers must be at least 2, not {self.offload_buffers}")
+        if self.offload_buffers != 2 and not self.offload:
+            raise SpecserveError("--offload-buffers needs --offload")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise SpecserveError(
                 f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
@@ -227,7 +232,7 @@ class SpeculationParams:
 
 
 SPECULATION_METHODS = ("off", "ngram", "early_exit", "draft", "merge")
-TREE_SHAPES = ("static", "dynamic")
+TREE_SHAPES = ("static", "dynamic", "chain")
 
 
 def _is_merge_member(entry: object) -> bool:
@@ -248,8 +253,11 @@ class SpeculativeConfig:
     max_tree_tokens  cap on draft nodes per sequence per step (the root not counted)
     max_depth        cap on the tree's depth (draft tokens on one path)
     tree             model drafters: "static" (SpecInfer: ``widths[d]`` children per node at
-                     depth d) or "dynamic" (EAGLE-2: expand the ``top_k`` likeliest nodes per
-                     level, keep the ``max_tree_tokens`` likeliest overall)
+                     depth d), "dynamic" (EAGLE-2: expand the ``top_k`` likeliest nodes per
+                     level, keep the ``max_tree_tokens`` likeliest overall) or "chain" (the
+                     draft's greedy chain, each depth adding its ``top_k - 1`` runners-up as
+                     leaves, the ``max_tree_tokens`` likeliest kept; drafted one token per
+                     sequence per level with no host round trip between levels)
     budget           "fixed": trees of up to max_tree_tokens nodes; "auto" (model drafters):
                      keep the number of likeliest nodes that maximises expected tokens per
                      second under this device's measured verification cost (Sequoia-like)

@@ -31,6 +31,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="keep the model's layers in CPU memory and stream them to the GPU per forward")
     group.add_argument("--gpu-memory-budget", type=float, default=None, metavar="GB",
                        help="with --offload: GB of weights that stay on the GPU (default: none)")
+    group.add_argument("--offload-buffers", type=int, default=ModelConfig.offload_buffers, metavar="N",
+                       help="with --offload: GPU working buffers streamed layers rotate through (at least 2)")
     group.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction,
                        default=ModelConfig.enforce_eager,
                        help="run every forward eagerly (default: decode and verify steps replay "
@@ -45,7 +47,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=ModelConfig(
             model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-            offload=args.offload, gpu_memory_budget_gb=args.gpu_memory_budget,
+            offload=args.offload, gpu_memory_budget_gb=args.gpu_memory_budget, offload_buffers=args.offload_buffers,
             enforce_eager=args.enforce_eager,
         ),
         cache=CacheConfig(

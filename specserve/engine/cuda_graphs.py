@@ -290,12 +290,13 @@ class GraphRunner:
 
     def run(
         self, items: list[TreeBatchItem], logit_rows: list[int], return_hidden: bool = False,
-        features: torch.Tensor | None = None,
+        features: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits [len(logit_rows), vocab] float32 and, with ``return_hidden``, the hidden states
         [real tokens, hidden_size] (fresh tensors; else None); ``items`` must fit a bucket
         (``bucket_for``). ``features`` [real tokens, feature_size]: with a feature buffer only,
-        and then required."""
+        and then required. ``input_ids`` [real tokens] on the device: copied over the packed
+        token ids on the device, after the host's copy (stream order), with no host sync."""
         bucket = self.bucket_for(items)
         if bucket is None:
             raise ValueError("this step fits no bucket: run it eagerly")
@@ -314,6 +315,8 @@ class GraphRunner:
         self.static.copy_(self.host, non_blocking=True)
         if self.copied is not None:
             self.copied.record()
+        if input_ids is not None:
+            self.layout.views(self.static, *bucket)["input_ids"][: cu_tree_lens[-1]].copy_(input_ids)
         forward = self.forwards.get(bucket)
         if forward is None:
             forward = self._capture(bucket) if self.capture else self._padded_forward(bucket)

@@ -120,19 +120,25 @@ class ModelRunner:
     @torch.inference_mode()
     def run(
         self, items: list[TreeBatchItem], logit_rows: list[int], return_hidden: bool = False,
-        features: torch.Tensor | None = None,
+        features: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Forward every tree: logits [len(logit_rows), vocab] float32 of the given rows, and with
         ``return_hidden`` the final-norm hidden states [num_tokens, hidden_size] of every tree
         row (trees in order; None otherwise). ``features`` [num_tokens, feature_size]: what each
-        row reads, for a runner built with ``feature_size`` (and only then)."""
+        row reads, for a runner built with ``feature_size`` (and only then). ``input_ids``
+        [num_tokens], on the device: the tokens to run instead of the trees' own (which are then
+        placeholders), so a step can take tokens an earlier step chose without reading them back."""
         if (features is None) != (self.feature_size is None):
             raise ValueError("features go with a runner built with feature_size, and only with it")
+        if input_ids is not None and len(input_ids) != sum(item.tree.num_nodes for item in items):
+            raise ValueError(f"input_ids has {len(input_ids)} tokens for a step of "
+                             f"{sum(item.tree.num_nodes for item in items)}")
         if self.graphs is not None and self.graphs.bucket_for(items) is not None:
-            return self.graphs.run(items, logit_rows, return_hidden, features)
+            return self.graphs.run(items, logit_rows, return_hidden, features, input_ids)
         inputs = build_inputs(items, self.kv_manager, self.device, self.model.attention.needs_dense_plan)
         rows = torch.tensor(logit_rows, dtype=torch.int64).to(self.device, non_blocking=True)
-        logits, hidden = self.logits(inputs.input_ids, inputs.positions, inputs.meta, rows, features)
+        ids = inputs.input_ids if input_ids is None else input_ids.to(self.device, torch.int64)
+        logits, hidden = self.logits(ids, inputs.positions, inputs.meta, rows, features)
         return logits, hidden if return_hidden else None
 
 

@@ -197,12 +197,13 @@ def load_model(config: ModelConfig) -> LoadedModel:
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     cfg, tensors, count, cache_dir = read_weights(source)
-    residency = plan_residency(cfg, dtype, config.gpu_memory_budget_gb) if config.offload else None
+    residency = (plan_residency(cfg, dtype, config.gpu_memory_budget_gb, config.offload_buffers)
+                 if config.offload else None)
     build_device = torch.device("cpu") if residency is not None else device
     model = empty_model(cfg, build_device, dtype, select_backend_name(config.attention_backend, device))
     fill_weights(model, tensors, count, desc=f"loading {source.name}")
     if residency is not None:
-        model = offload_model(model, device, residency.num_resident)
+        model = offload_model(model, device, residency.num_resident, config.offload_buffers)
     tokenizer = load_tokenizer(source, None if cache_dir is None else cache_dir / "tokenizer")
     max_model_len = cfg.max_position_embeddings
     if config.max_model_len is not None:

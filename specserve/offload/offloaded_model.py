@@ -2,19 +2,21 @@
 
 Layout on the device and the host (L layers, the first R resident)::
 
-    device: embeddings, final norm, LM head, layers 0 .. R-1, two working buffers [layer numel]
+    device: embeddings, final norm, LM head, layers 0 .. R-1, B working buffers [layer numel]
     host:   layers R .. L-1 as flat buffers (pinned on CUDA so copies run asynchronously)
 
-Streaming (double buffering): offloaded layer k (counting from R) runs from working buffer
-k % 2. Its copy was issued on a separate copy stream two layers earlier, right after the
-compute stream finished enqueueing the layer that last used that buffer, so layer k's copy
-overlaps layer k-1's compute. Events order the two streams:
+Streaming (B-fold buffering, B >= 2; 2 is double buffering): offloaded layer k (counting from
+R) runs from working buffer k % B. Its copy was issued on a separate copy stream B layers
+earlier, right after the compute stream finished enqueueing the layer that last used that
+buffer, so layer k's copy overlaps the compute of layers k-B+1 .. k-1. With B = 2 a layer whose
+compute outlasts one layer's copy stalls the copy stream; a third buffer lets the copies run
+ahead and absorbs such jitter. Events order the two streams:
 
     copy stream:    wait freed[b] -> copy layer into buffer b -> record copied[b]
     compute stream: wait copied[b] -> run the layer from buffer b -> record freed[b]
 
-A forward forks the copy stream from the compute stream before its first two copies (which
-orders them after the previous forward's use of both buffers) and joins it back after its last
+A forward forks the copy stream from the compute stream before its first B copies (which
+orders them after the previous forward's use of every buffer) and joins it back after its last
 layer, and records every event it waits on itself: so the whole streamed forward can be captured
 in a CUDA graph (host buffers and working buffers never move) and replayed.
 
@@ -37,19 +39,26 @@ from specserve.offload.layer_store import FlatLayout
 
 
 class LayerStreamer:
-    """Host flat buffers of the offloaded layers, two device working buffers, streams and events."""
+    """Host flat buffers of the offloaded layers, ``num_buffers`` device working buffers, streams
+    and events."""
 
     def __init__(self, template: LlamaDecoderLayer, layout: FlatLayout, host_flats: list[torch.Tensor],
-                 device: torch.device, dtype: torch.dtype) -> None:
+                 device: torch.device, dtype: torch.dtype, num_buffers: int = 2) -> None:
+        if num_buffers < 2:
+            raise ValueError(f"streaming needs at least 2 working buffers, not {num_buffers}")
         self.template = template  # a layer on the meta device: structure only, weights come per call
         self.layout = layout
         self.host_flats = host_flats  # [num_offloaded] of [numel]
-        self.buffers = [torch.empty(layout.numel, dtype=dtype, device=device) for _ in range(2)]
+        self.buffers = [torch.empty(layout.numel, dtype=dtype, device=device) for _ in range(num_buffers)]
         self.buffer_views = [layout.views(b) for b in self.buffers]
         cuda = device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device) if cuda else None
-        self.copied = [torch.cuda.Event() for _ in range(2)] if cuda else None
-        self.freed = [torch.cuda.Event() for _ in range(2)] if cuda else None
+        self.copied = [torch.cuda.Event() for _ in range(num_buffers)] if cuda else None
+        self.freed = [torch.cuda.Event() for _ in range(num_buffers)] if cuda else None
+
+    @property
+    def num_buffers(self) -> int:
+        return len(self.buffers)
 
     @property
     def num_offloaded(self) -> int:
@@ -77,24 +86,25 @@ class LayerStreamer:
 
     def layers(self, count: int) -> Iterator[Callable[..., torch.Tensor]]:
         """The first ``count`` offloaded layers, each streamed in before it is handed out. The
-        first two copies are issued now, so they overlap whatever the caller runs before it
+        first ``num_buffers`` copies are issued now, so they overlap whatever the caller runs before it
         asks for the first layer (the resident layers)."""
         if self.copy_stream is not None and count:
             self.copy_stream.wait_stream(torch.cuda.current_stream())  # fork
-        for index in range(min(2, count)):
+        for index in range(min(self.num_buffers, count)):
             self._copy(index, index, after_freed=False)
         return self._stream(count)
 
     def _stream(self, count: int) -> Iterator[Callable[..., torch.Tensor]]:
+        ahead = self.num_buffers
         for index in range(count):
-            buffer = index % 2
+            buffer = index % ahead
             if self.copied is not None:
                 torch.cuda.current_stream().wait_event(self.copied[buffer])
             yield self._layer_in(buffer)
             if self.freed is not None:  # the caller has enqueued this layer's compute
                 self.freed[buffer].record(torch.cuda.current_stream())
-            if index + 2 < count:
-                self._copy(index + 2, buffer, after_freed=True)
+            if index + ahead < count:
+                self._copy(index + ahead, buffer, after_freed=True)
         if self.copy_stream is not None and count:
             torch.cuda.current_stream().wait_stream(self.copy_stream)  # join
 
@@ -123,7 +133,8 @@ class OffloadedLlamaForCausalLM(LlamaForCausalLM):
         yield from streamed
 
 
-def offload_model(model: LlamaForCausalLM, device: torch.device, num_resident: int) -> OffloadedLlamaForCausalLM:
+def offload_model(model: LlamaForCausalLM, device: torch.device, num_resident: int,
+                  num_buffers: int = 2) -> OffloadedLlamaForCausalLM:
     """Keep layers 0 .. num_resident-1 (and everything outside the layers) on ``device``; move
     the rest into host flat buffers. ``model`` should live on the CPU; it is consumed."""
     cfg = model.cfg
@@ -140,5 +151,5 @@ def offload_model(model: LlamaForCausalLM, device: torch.device, num_resident: i
     with torch.device("meta"):
         template = LlamaDecoderLayer(cfg).to(dtype)
     model = model.to(device)
-    streamer = LayerStreamer(template, layout, host_flats, device, dtype)
+    streamer = LayerStreamer(template, layout, host_flats, device, dtype, num_buffers)
     return OffloadedLlamaForCausalLM(model, streamer).eval().requires_grad_(False)

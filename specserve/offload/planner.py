@@ -1,7 +1,7 @@
 """How many layers fit on the device under a memory budget for weights.
 
-    budget >= outside_layers + (num_resident + 2) * layer_bytes
-    outside_layers = embeddings (+ untied LM head) + final norm;  + 2: the streaming buffers
+    budget >= outside_layers + (num_resident + B) * layer_bytes
+    outside_layers = embeddings (+ untied LM head) + final norm;  + B: the streaming buffers (B >= 2)
 """
 
 from __future__ import annotations
@@ -32,20 +32,22 @@ def layer_numel(arch: LlamaArchConfig) -> int:
     return attention + 3 * arch.hidden_size * arch.intermediate_size + 2 * arch.hidden_size
 
 
-def plan_residency(arch: LlamaArchConfig, dtype: torch.dtype, budget_gb: float | None) -> ResidencyPlan:
-    """``budget_gb`` None: nothing resident (every layer streamed)."""
+def plan_residency(arch: LlamaArchConfig, dtype: torch.dtype, budget_gb: float | None,
+                   num_buffers: int = 2) -> ResidencyPlan:
+    """``budget_gb`` None: nothing resident (every layer streamed). ``num_buffers`` working
+    buffers are counted against the budget."""
     element = torch.empty((), dtype=dtype).element_size()
     layer_bytes = layer_numel(arch) * element
     heads = 1 if arch.tie_word_embeddings else 2
     outside = (heads * arch.vocab_size * arch.hidden_size + arch.hidden_size) * element
-    fixed = outside + 2 * layer_bytes
+    fixed = outside + num_buffers * layer_bytes
     if budget_gb is None:
         num_resident = 0
     else:
         budget = budget_gb * 1e9
         if budget < fixed:
             raise SpecserveError(
-                f"--gpu-memory-budget {budget_gb} GB is too small: the embeddings and two streaming "
+                f"--gpu-memory-budget {budget_gb} GB is too small: the embeddings and {num_buffers} streaming "
                 f"buffers alone need {fixed / 1e9:.2f} GB"
             )
         num_resident = min(arch.num_layers, int((budget - fixed) // layer_bytes))

@@ -143,14 +143,32 @@ class DynamicTreeBuilder(_BatchBuilder):
     def extend(self, candidates: list[list[Candidates]]) -> None:
         next_frontier: list[list[int]] = []
         for seq, (grow, nodes) in enumerate(zip(self.growing, self._frontier)):
-            new_nodes = [
-                grow.add(node, token_id, prob)
-                for node, options in zip(nodes, candidates[seq])
-                for token_id, prob in options[: self.top_k]
-            ]
+            new_nodes = self._add_children(grow, nodes, candidates[seq])
             new_nodes.sort(key=lambda i: (-grow.path_probs[i], i))
             done = self.level + 1 >= self.max_depths[seq]
             next_frontier.append([] if done else sorted(new_nodes[: self.top_k]))
+        self._frontier = next_frontier
+        self.level += 1
+
+    def _add_children(self, grow: _GrowingTree, nodes: list[int], candidates: list[Candidates]) -> list[int]:
+        """Each frontier node's ``top_k`` best candidates as its children; the new nodes in order."""
+        return [grow.add(node, token_id, prob)
+                for node, options in zip(nodes, candidates) for token_id, prob in options[: self.top_k]]
+
+
+class ChainTreeBuilder(DynamicTreeBuilder):
+    """The draft's greedy chain with side leaves: each level adds the ``top_k`` candidates of the
+    chain's newest node as its children and follows only the first (the draft's top-1); the
+    final tree keeps the ``max_nodes`` draft nodes of highest path probability (ancestor-closed,
+    as in ``DynamicTreeBuilder``). The frontier is always one node, the chain's end, so a
+    drafter can run the whole chain without reading the candidates back between levels."""
+
+    def extend(self, candidates: list[list[Candidates]]) -> None:
+        next_frontier: list[list[int]] = []
+        for seq, (grow, nodes) in enumerate(zip(self.growing, self._frontier)):
+            new_nodes = self._add_children(grow, nodes, candidates[seq])
+            done = self.level + 1 >= self.max_depths[seq] or not new_nodes
+            next_frontier.append([] if done else new_nodes[:1])
         self._frontier = next_frontier
         self.level += 1
 

@@ -136,6 +136,40 @@ def test_padded_steps_propose_the_same_trees_and_states(draft):
     assert graphs.features is not None and len(graphs.forwards) >= 3 and graphs.num_captured == 0
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_chain_on_the_device_equals_the_level_by_level_loop(draft, padded):
+    """tree="chain": each chain token reads its parent's predicted state straight from the
+    previous level's output, with no read-back between levels; same trees as the generic loop,
+    step after step, unpadded and padded."""
+    buckets = GraphBuckets(seq_sizes=(1, 2, 4), token_sizes=(4, 8, 16, 32), max_num_blocks=16) if padded else None
+    chain = SpeculativeConfig(method="draft", draft_model="unused", tree="chain", top_k=3, max_tree_tokens=9,
+                              max_depth=3)
+    draft = copy.copy(draft)
+    draft.attention = BACKENDS["reference"]
+    drafters = [FeatureDrafter(draft, chain, num_blocks=64, block_size=4, graph_buckets=buckets) for _ in range(2)]
+    drafters[1].fast_chain = False
+    generator = torch.Generator().manual_seed(2)
+    tokens = {s: torch.randint(3, 120, (n,), generator=generator).tolist() for s, n in (("a", 9), ("b", 5))}
+    states = {s: torch.randn(len(t), draft.cfg.hidden_size, generator=generator) for s, t in tokens.items()}
+    results = [[], []]
+    with torch.no_grad():
+        for drafter in drafters:
+            for seq_id, seq_states in states.items():
+                drafter.observe(seq_id, 0, seq_states[:-1])
+        for step in range(3):
+            requests = [DraftRequest(seq_id, ids, 9, 3 if seq_id == "a" else 2) for seq_id, ids in tokens.items()]
+            for result, drafter in zip(results, drafters):
+                result.append(drafter.propose(requests))
+            fresh = torch.randn(2, draft.cfg.hidden_size, generator=generator)
+            for (seq_id, ids), tree in zip(list(tokens.items()), results[0][-1]):
+                new = list(tree.token_ids[1:2]) + [30 + step]
+                for drafter in drafters:
+                    drafter.observe(seq_id, len(ids) - 1, fresh[: len(new)])
+                tokens[seq_id] = ids + new
+    assert results[0] == results[1]
+    assert [t.num_nodes - 1 for t in results[0][0]] == [9, 6]
+
+
 def run_both(drafters, tokens, states, generator):
     """Three propose/observe steps of both drafters; every tree and predicted state equal."""
     with torch.no_grad():

@@ -71,10 +71,53 @@ def test_rollback_leaves_draft_kv_equal_to_a_fresh_prefill(tiny):
     assert drafter.kv_manager.pool.num_free_blocks == 64
 
 
+def chain_steps(drafter, tokens: dict[str, list[int]], depths: dict[str, int], steps: int = 3) -> list:
+    """``steps`` proposals for every sequence, each step accepting the tree's first draft (if
+    any) plus a new token; the trees of every step."""
+    trees = []
+    for step in range(steps):
+        requests = [DraftRequest(s, ids, 12, depths[s]) for s, ids in tokens.items()]
+        trees.append(drafter.propose(requests))
+        for (s, ids), tree in zip(list(tokens.items()), trees[-1]):
+            tokens[s] = ids + list(tree.token_ids[1:2]) + [60 + step]
+    return trees
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_chain_trees_drafted_on_the_device_equal_the_level_by_level_loop(tiny, padded):
+    """tree="chain" runs the chain's tokens one level per forward with no read-back between
+    levels (each level's token taken on the device): the trees equal those of the generic
+    loop that recomputes root-to-frontier paths, for sequences of different depths, step after
+    step (rollback included), unpadded and padded (a CUDA graph on CUDA, eager here)."""
+    from specserve.engine.cuda_graphs import GraphBuckets
+    from specserve.models.attention import BACKENDS
+
+    chain = SpeculativeConfig(method="early_exit", num_layers=2, tree="chain", top_k=3, max_tree_tokens=12, max_depth=4)
+    buckets = GraphBuckets(seq_sizes=(1, 2, 4), token_sizes=(4, 8, 16, 32), max_num_blocks=16) if padded else None
+    model = tiny.model
+    if padded:  # padding wants attention without a host-built plan
+        import copy
+
+        model = copy.copy(model)
+        model.attention = BACKENDS["reference"]
+    drafters = [ModelDrafter(model, 2, chain, num_blocks=64, block_size=4, graph_buckets=buckets) for _ in range(2)]
+    drafters[1].fast_chain = False
+    depths = {"a": 4, "b": 2, "c": 1}
+    results = []
+    for drafter in drafters:
+        tokens = {"a": [3, 17, 9, 44, 2, 8, 100], "b": [5, 6, 7, 8, 9], "c": list(range(20, 31))}
+        results.append(chain_steps(drafter, tokens, depths))
+    assert results[0] == results[1]
+    first = results[0][0]
+    assert [max(t.depths()) for t in first] == [4, 2, 1]
+    assert [t.num_nodes - 1 for t in first] == [12, 6, 3]  # 3 candidates per level
+
+
 SPECS = {
     "ngram": SpeculativeConfig(method="ngram", max_tree_tokens=6, max_depth=3),
     "early_exit-static": SpeculativeConfig(method="early_exit", num_layers=1, max_tree_tokens=6, max_depth=3, widths=(2, 2, 1)),
     "early_exit-dynamic": SpeculativeConfig(method="early_exit", num_layers=2, tree="dynamic", top_k=3, max_tree_tokens=6, max_depth=3),
+    "early_exit-chain": SpeculativeConfig(method="early_exit", num_layers=2, tree="chain", top_k=3, max_tree_tokens=6, max_depth=4),
     "merge": SpeculativeConfig(method="merge", merge=("ngram", "early_exit"), num_layers=2, max_tree_tokens=6, max_depth=3, widths=(2, 1, 1)),
 }
 

@@ -20,23 +20,22 @@ def run(gate: BatchGate, num_seqs: int, steps: int, drafting_s: float, plain_s: 
     return decisions
 
 
-def test_plain_probes_until_the_plain_rate_is_known_then_drafting_keeps_winning():
+def test_the_gate_alternates_until_both_rates_are_known_then_drafting_keeps_winning():
     gate = BatchGate(interval=4)
     decisions = run(gate, 8, 32, drafting_s=1.0, plain_s=2.0)
-    # steps 4, 8, 12, 16 are plain probes (MIN_SAMPLES of them); then a refresh every 16 steps
-    assert [i + 1 for i, d in enumerate(decisions) if not d] == [4, 8, 12, 16, 32]
+    # steps 2, 4, 6, 8 are plain (learning: MIN_SAMPLES of each kind); then a refresh every 16 steps
+    assert [i + 1 for i, d in enumerate(decisions) if not d] == [2, 4, 6, 8, 16, 32]
     assert MIN_SAMPLES == 4 and REFRESH * 4 == 16
     assert gate.drafting_pays(8) is True
-    assert gate.num_closed_steps == 5
+    assert gate.num_closed_steps == 6
 
 
 def test_a_losing_bucket_closes_and_probes_drafting_every_interval():
     gate = BatchGate(interval=4)
     decisions = run(gate, 16, 40, drafting_s=2.0, plain_s=1.0)
-    # the first 16 steps: drafting with plain probes at 4, 8, 12, 16; both rates are known
-    # from step 17 on and drafting loses: plain, but drafting probes at 20, 24, ...
-    assert [i + 1 for i, d in enumerate(decisions) if d] == [1, 2, 3, 5, 6, 7, 9, 10, 11, 13, 14, 15, 20, 24, 28,
-                                                              32, 36, 40]
+    # the first 8 steps alternate; both rates are known from step 9 on and drafting loses:
+    # plain, but drafting probes at 12, 16, ...
+    assert [i + 1 for i, d in enumerate(decisions) if d] == [1, 3, 5, 7, 12, 16, 20, 24, 28, 32, 36, 40]
     assert gate.drafting_pays(16) is False
     assert gate.drafting_pays(9) is False  # the same bucket
     assert gate.drafting_pays(8) is None  # nothing measured at batch 8
@@ -45,7 +44,7 @@ def test_a_losing_bucket_closes_and_probes_drafting_every_interval():
 def test_buckets_are_independent_and_the_gate_reopens_when_drafting_wins_again():
     gate = BatchGate(interval=4)
     run(gate, 16, 40, drafting_s=2.0, plain_s=1.0)
-    assert all(run(gate, 8, 3, drafting_s=1.0, plain_s=2.0))  # batch 8 starts fresh: drafting
+    assert run(gate, 8, 3, drafting_s=1.0, plain_s=2.0) == [True, False, True]  # batch 8 starts fresh: learning
     # the workload changes at batch 16: every drafting probe now costs a tenth of a plain step
     later = run(gate, 16, 40, drafting_s=0.1, plain_s=1.0)
     assert gate.drafting_pays(16) is True

@@ -53,6 +53,14 @@ def test_fully_offloaded_generation_equals_resident_with_speculation(smollm):
     assert [o.token_ids for o in ours] == [o.token_ids for o in ref]
 
 
+def test_three_working_buffers_give_the_resident_logits(smollm):
+    """Layers rotate through 3 working buffers (layer k in buffer k % 3): same logits exactly."""
+    streamed = load_model(ModelConfig(device="cpu", dtype="float32", offload=True, offload_buffers=3))
+    assert streamed.model.streamer.num_buffers == 3 and streamed.residency.num_resident == 0
+    torch.testing.assert_close(prompt_logits(streamed.model, PROMPT), prompt_logits(smollm.model, PROMPT),
+                               rtol=0, atol=0)
+
+
 def test_planner_arithmetic_and_errors():
     arch = LlamaArchConfig(vocab_size=100, hidden_size=8, intermediate_size=16, num_layers=4, num_heads=2,
                            num_kv_heads=1, head_dim=4, max_position_embeddings=64, tie_word_embeddings=True)
@@ -65,8 +73,14 @@ def test_planner_arithmetic_and_errors():
     assert plan_residency(arch, torch.float32, None).num_resident == 0
     with pytest.raises(SpecserveError, match="too small"):
         plan_residency(arch, torch.float32, 1e-9)
+    # a third working buffer is counted against the budget: one layer fewer resident
+    assert plan_residency(arch, torch.float32, (fixed + 3 * layer_bytes + 1) / 1e9, 3).num_resident == 2
     with pytest.raises(SpecserveError, match="needs --offload"):
         ModelConfig(gpu_memory_budget_gb=4.0)
+    with pytest.raises(SpecserveError, match="--offload-buffers needs --offload"):
+        ModelConfig(offload_buffers=3)
+    with pytest.raises(SpecserveError, match="at least 2"):
+        ModelConfig(offload=True, offload_buffers=1)
 
 
 @pytest.mark.gpu

@@ -2,6 +2,7 @@ import pytest
 
 from specserve.tree import TokenTree
 from specserve.tree.builders import (
+    ChainTreeBuilder,
     DynamicTreeBuilder,
     StaticTreeBuilder,
     best_num_nodes,
@@ -72,6 +73,21 @@ def test_dynamic_selection_is_ancestor_closed_under_ties():
     while any(builder.frontier()):
         builder.extend(fake_candidates(builder, table))
     assert builder.trees()[0] == TokenTree((1, 5, 6), (-1, 0, 1))
+
+
+def test_chain_builder_follows_the_top_candidate_and_keeps_runners_up_as_leaves():
+    builder = ChainTreeBuilder([1, 1], top_k=2, max_nodes=[4, 10], max_depths=[3, 2])
+    frontiers = []
+    while any(builder.frontier()):
+        frontiers.append([[builder.growing[s].token_ids[n] for n in f] for s, f in enumerate(builder.frontier())])
+        builder.extend(fake_candidates(builder, TABLE))
+    # only the top candidate is followed: 1 -> 10 -> 20; sequence 1 stops at depth 2
+    assert frontiers == [[[1], [1]], [[10], [10]], [[20], []]]
+    short, deep = builder.trees()[1], builder.trees()[0]
+    assert short == TokenTree((1, 10, 11, 20, 21), (-1, 0, 0, 1, 1))
+    # nodes 10 .6, 11 .3, 20 .54, 21 .03, 30 .27: the best 4
+    assert deep == TokenTree((1, 10, 11, 20, 30), (-1, 0, 0, 1, 3))
+    assert builder.path_probs()[0] == pytest.approx([0.6, 0.54, 0.3, 0.27, 0.03])
 
 
 def test_best_num_nodes_maximises_tokens_per_second():
