@@ -34,6 +34,7 @@ from specserve.config import (
     SpeculationParams,
     SpeculativeConfig,
 )
+from specserve.engine.batch_gate import MIN_BATCH, MIN_SAMPLES
 from specserve.engine.llm_engine import LLMEngine
 from specserve.engine.switch_off import PRIOR_HISTORY, AcceptancePrior, DraftStep
 from specserve.errors import SpecserveError
@@ -42,11 +43,21 @@ from specserve.models.loader import load_model
 TOP_OPS = 12
 
 
-MODES = {  # mode -> (speculation enabled for the request, engine record losing)
-    "no drafting": (False, False),
-    "switched off": (True, True),
-    "drafting": (True, False),
+MODES = {  # mode -> (speculation enabled for the request, engine record losing, batch gate closed)
+    "no drafting": (False, False, False),
+    "switched off": (True, True, False),
+    "gate closed": (True, False, True),
+    "drafting": (True, False, False),
 }
+
+
+def close_gate(engine: LLMEngine, num_seqs: int) -> None:
+    """Record drafting as losing at this batch size, so the gate keeps steps plain (but for its
+    drafting probes, one step in ``interval``)."""
+    engine.gate.rates.clear()
+    for _ in range(MIN_SAMPLES):
+        engine.gate.record(num_seqs, 3.0 * num_seqs, num_seqs, True)
+        engine.gate.record(num_seqs, 1.0 * num_seqs, num_seqs, False)
 
 
 def lose_engine_record(engine: LLMEngine) -> None:
@@ -57,14 +68,18 @@ def lose_engine_record(engine: LLMEngine) -> None:
         prior.add(DraftStep(engine.config.speculative.max_tree_tokens, 0, 0, 0.0))
 
 
-def run_request(engine: LLMEngine, prompt: list[int], params: SamplingParams, mode: str) -> tuple[list[float], int]:
-    """Seconds of every decode step of one request (the prefill step left out), and how many of
-    those steps ran switched off (the engine's record of its drafters is reset first)."""
-    enabled, losing = MODES[mode]
+def run_request(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams, mode: str) -> tuple[list[float], int]:
+    """Seconds of every decode step of the prompts' requests, run together (the prefill step left
+    out), and how many of those steps the first request ran switched off (the engine's record of
+    its drafters is reset first)."""
+    enabled, losing, gated = MODES[mode]
     engine.acceptance_priors.clear()
     if losing:
         lose_engine_record(engine)
-    engine.add_request(prompt, params, speculation=SpeculationParams(enabled=enabled))
+    if gated:
+        close_gate(engine, len(prompts))
+    for prompt in prompts:
+        engine.add_request(prompt, params, speculation=SpeculationParams(enabled=enabled))
     engine.step()  # the prefill
     times, switched_off = [], 0
     while engine.has_unfinished():
@@ -78,7 +93,7 @@ def run_request(engine: LLMEngine, prompt: list[int], params: SamplingParams, mo
     return times, switched_off
 
 
-def profile_mode(engine: LLMEngine, prompt: list[int], params: SamplingParams, mode: str,
+def profile_mode(engine: LLMEngine, prompt: list[list[int]], params: SamplingParams, mode: str,
                  profile_tokens: int) -> dict[str, Any]:
     """Step times from one request of ``params.max_tokens``; operators from a profiled request of
     ``profile_tokens`` (the profiler's post-processing takes minutes for thousands of CUDA steps)."""
@@ -125,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="an engine with this --speculative-config (JSON or a method name)")
     parser.add_argument("--prompt-set", default="alphabet:128")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=1, help="requests run together (the set's first prompts)")
     parser.add_argument("--profile-tokens", type=int, default=17, help="tokens of the profiled request")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -142,13 +158,16 @@ def main(argv: list[str] | None = None) -> int:
             specs[name] = SpeculativeConfig.parse(config)
         if args.max_tokens < 2 or args.profile_tokens < 2:
             raise ValueError("--max-tokens and --profile-tokens must be at least 2 (one prefill, one decode step)")
-        prompt_set = load_prompt_set(args.prompt_set, 1)
+        if args.batch_size < 1:
+            raise ValueError("--batch-size must be at least 1")
+        prompt_set = load_prompt_set(args.prompt_set, args.batch_size)
     except (ValueError, SpecserveError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     model_config = ModelConfig(device=args.device, enforce_eager=args.enforce_eager)
     loaded = load_model(model_config)
-    prompt = prompt_token_ids(loaded.tokenizer, prompt_set.prompts[0], prompt_set.chat_template)
+    prompt = [prompt_token_ids(loaded.tokenizer, p, prompt_set.chat_template) for p in prompt_set.prompts]
+    prompt = (prompt * args.batch_size)[: args.batch_size]  # a set smaller than the batch repeats
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, ignore_eos=True)
     results: dict[str, Any] = {}
     for name, spec in specs.items():
@@ -157,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         modes = ["no drafting"] if not spec.enabled else list(MODES)
         if not (spec.enabled and spec.switch_off and engine.step_cost is not None):
             modes = [m for m in modes if m != "switched off"]
+        if engine.gate is None or args.batch_size < MIN_BATCH:
+            modes = [m for m in modes if m != "gate closed"]
         results[name] = {mode: profile_mode(engine, prompt, params, mode, args.profile_tokens)
                          for mode in modes}
         del engine

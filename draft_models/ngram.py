@@ -1,5 +1,5 @@
 """N-gram / prompt-lookup drafter: guesses that the text continues as it did after earlier
-occurrences of its own suffix. No model, no state; strong on code, edits and quotes.
+occurrences of its own suffix. No model; strong on code, edits and quotes.
 
 For the longest suffix length n (ngram_max down to ngram_min) that occurred before, the
 continuations after its most recent occurrences become the tree's paths (deduplicated, most
@@ -9,6 +9,13 @@ Each sequence keeps an index (``NgramIndex``: every n-gram, n in [ngram_min, ngr
 the positions it starts at), extended by the tokens appended since the last step, so a lookup
 costs the matches it returns rather than a scan of the whole sequence (16 sequences of a few
 hundred tokens took about 0.4 ms of Python per step scanned).
+
+Across requests (as SGLang's n-gram cache and llama.cpp's dynamic lookup cache do), the
+drafter keeps the texts of released sequences, prompt and output, in an ``NgramCorpus`` of at
+most ``corpus_tokens`` tokens (oldest dropped first): a sequence's own continuations come
+first, then up to ``max_paths`` more from the corpus, newest text first, for its longest
+suffix of at least 2 tokens found there. Greedy output never depends on it (verification
+decides), only how many drafts are accepted.
 """
 
 from __future__ import annotations
@@ -89,16 +96,78 @@ class NgramIndex:
         return longest_suffix_paths(tokens, depth, self.n_min, self.n_max, max_paths, occurrences)
 
 
+class NgramCorpus:
+    """Earlier sequences' texts (documents) and the starts of their n-grams, n in [n_min, n_max],
+    at most ``max_tokens`` tokens in all: adding a document drops the oldest ones over the limit.
+
+    Invariant: ``starts[n][key]`` lists, oldest first, (document number, start) of every n-gram
+    ``key`` of a kept document, or of a dropped one (numbers below ``first``), which lookups
+    skip; once dropped entries may outnumber kept ones the index is rebuilt.
+    """
+
+    def __init__(self, max_tokens: int, n_min: int = 2, n_max: int = 4) -> None:
+        if max_tokens < 0 or not 1 <= n_min <= n_max:
+            raise ValueError("a corpus needs max_tokens >= 0 and 1 <= n_min <= n_max")
+        self.max_tokens, self.n_min, self.n_max = max_tokens, n_min, n_max
+        self.docs: dict[int, list[int]] = {}  # number -> tokens, oldest first
+        self.first = self.next = 0  # kept documents are numbered first .. next - 1
+        self.num_tokens = 0  # tokens of the kept documents
+        self.num_indexed = 0  # tokens indexed, dropped documents' included
+        self.starts: dict[int, dict[tuple[int, ...], list[tuple[int, int]]]] = {n: {} for n in range(n_min, n_max + 1)}
+
+    def add(self, tokens: list[int]) -> None:
+        tokens = list(tokens[-self.max_tokens :]) if self.max_tokens else []
+        if len(tokens) <= self.n_min:
+            return
+        number, self.next = self.next, self.next + 1
+        self.docs[number] = tokens
+        self.num_tokens += len(tokens)
+        self._index(number, tokens)
+        while self.num_tokens > self.max_tokens:
+            self.num_tokens -= len(self.docs.pop(self.first))
+            self.first += 1
+        if self.num_indexed > 2 * self.num_tokens:  # mostly dropped entries: rebuild
+            self.starts = {n: {} for n in self.starts}
+            self.num_indexed = 0
+            for number, doc in self.docs.items():
+                self._index(number, doc)
+
+    def _index(self, number: int, tokens: list[int]) -> None:
+        self.num_indexed += len(tokens)
+        for n, starts in self.starts.items():
+            for start in range(len(tokens) - n + 1):
+                starts.setdefault(tuple(tokens[start : start + n]), []).append((number, start))
+
+    def continuations(self, context: list[int], depth: int, max_paths: int, exclude: list[list[int]]) -> list[list[int]]:
+        """Up to ``max_paths`` distinct continuations (at most ``depth`` tokens) in the corpus of the
+        longest suffix of ``context`` it holds (n in [n_min, n_max]), newest first, none in ``exclude``."""
+        for n in range(min(self.n_max, len(context)), self.n_min - 1, -1):
+            paths: list[list[int]] = []
+            for number, start in reversed(self.starts[n].get(tuple(context[len(context) - n :]), ())):
+                if number < self.first:
+                    break  # older entries are all dropped
+                path = self.docs[number][start + n : start + n + depth]
+                if path and path not in paths and path not in exclude:
+                    paths.append(path)
+                    if len(paths) == max_paths:
+                        break
+            if paths:
+                return paths
+        return []
+
+
 class NgramDrafter:
     needs_target_states = False
 
-    def __init__(self, ngram_max: int = 4, ngram_min: int = 1, max_paths: int = 4) -> None:
+    def __init__(self, ngram_max: int = 4, ngram_min: int = 1, max_paths: int = 4, corpus_tokens: int = 0) -> None:
+        """``corpus_tokens``: tokens of released sequences kept for lookups across requests (0: none)."""
         if not 1 <= ngram_min <= ngram_max:
             raise ValueError("ngram sizes need 1 <= ngram_min <= ngram_max")
         self.ngram_max = ngram_max
         self.ngram_min = ngram_min
         self.max_paths = max_paths
         self.indexes: dict[str, NgramIndex] = {}  # per sequence, until ``release``
+        self.corpus = NgramCorpus(corpus_tokens, max(2, ngram_min), max(2, ngram_max)) if corpus_tokens else None
 
     def continuations(self, token_ids: list[int], depth: int) -> list[list[int]]:
         """Up to ``max_paths`` distinct continuations of the longest recurring suffix of
@@ -119,6 +188,8 @@ class NgramDrafter:
                 index = self.indexes[request.seq_id] = NgramIndex(self.ngram_min, self.ngram_max)
             index.sync(request.token_ids)
             paths = index.continuations(request.max_depth, self.max_paths)
+            if self.corpus is not None:
+                paths += self.corpus.continuations(index.tokens, request.max_depth, self.max_paths, paths)
             trees.append(tree_from_paths_within_budget(root, paths, request.max_tree_tokens))
         return trees
 
@@ -129,5 +200,8 @@ class NgramDrafter:
         return None
 
     def release(self, seq_id: str) -> None:
-        self.indexes.pop(seq_id, None)
+        """Forget the sequence; its text joins the corpus (if kept)."""
+        index = self.indexes.pop(seq_id, None)
+        if index is not None and self.corpus is not None:
+            self.corpus.add(index.tokens)
 

@@ -270,6 +270,8 @@ class SpeculativeConfig:
                      (from half a window on), shrunk towards the engine-wide acceptance;
                      never for a seeded request at temperature > 0 (its text must reproduce)
     ngram_max / ngram_min  ngram only: longest / shortest suffix to match in the context
+    ngram_corpus     ngram only: tokens of finished requests (prompt and output) kept to draft
+                     from across requests, after a request's own context (0: none)
     """
 
     method: str = "off"
@@ -285,6 +287,7 @@ class SpeculativeConfig:
     step_cost: str | None = None
     ngram_max: int = 4
     ngram_min: int = 1
+    ngram_corpus: int = 65536
     switch_off: bool = True
     switch_off_window: int = 8
     probe_interval: int = 16
@@ -319,6 +322,8 @@ class SpeculativeConfig:
                 )
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise SpecserveError("ngram sizes need 1 <= ngram_min <= ngram_max")
+        if not 0 <= self.ngram_corpus <= 1 << 24:
+            raise SpecserveError("ngram_corpus must lie between 0 and 16777216 tokens")
         if self.switch_off_window < 2 or self.probe_interval < 1:
             raise SpecserveError("switch_off_window must be at least 2 and probe_interval at least 1")
 

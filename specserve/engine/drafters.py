@@ -84,7 +84,7 @@ def make_drafter(
     if cfg.method == "ngram":
         from draft_models.ngram import NgramDrafter
 
-        return NgramDrafter(cfg.ngram_max, cfg.ngram_min, max_paths=max(cfg.widths))
+        return NgramDrafter(cfg.ngram_max, cfg.ngram_min, max_paths=max(cfg.widths), corpus_tokens=cfg.ngram_corpus)
     from draft_models.model_drafter import ModelDrafter
 
     tree_slots = 1 + cfg.max_depth * max(cfg.top_k, max(cfg.widths)) ** 2 + cfg.max_tree_tokens

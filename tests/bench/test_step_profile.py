@@ -28,9 +28,19 @@ def test_cpu_run_compares_each_engine_with_the_off_engine(tmp_path, capsys):
     assert "ngram" in capsys.readouterr().out
 
 
+def test_a_batch_of_eight_also_profiles_steps_the_gate_keeps_plain(tmp_path):
+    out = tmp_path / "profile.json"
+    argv = ["--device", "cpu", "--max-tokens", "3", "--profile-tokens", "2", "--batch-size", "8", "--temperature", "0",
+            "--kv-cache-memory", "0.05", "--spec", "ngram=ngram", "--out", str(out)]
+    assert step_profile.main(argv) == 0
+    results = json.loads(out.read_text())["results"]
+    assert list(results["ngram"]) == ["no drafting", "switched off", "gate closed", "drafting"]
+    assert results["ngram"]["gate closed"]["num_steps"] >= 2
+
+
 def test_bad_input_is_one_line_and_exit_2(capsys):
     for argv, needle in ((["--spec", "ngram"], "NAME=CONFIG"), (["--spec", "x=beam"], "speculative method"),
-                         (["--max-tokens", "1"], "--max-tokens"), (["--profile-tokens", "1"], "--profile-tokens"), (["--prompt-set", "nope"], "unknown prompt set")):
+                         (["--max-tokens", "1"], "--max-tokens"), (["--profile-tokens", "1"], "--profile-tokens"), (["--batch-size", "0"], "--batch-size"), (["--prompt-set", "nope"], "unknown prompt set")):
         assert step_profile.main(argv) == 2
         err = capsys.readouterr().err
         assert needle in err and err.count("\n") == 1

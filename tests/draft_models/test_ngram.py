@@ -1,7 +1,7 @@
 import random
 
 from draft_models.base import DraftRequest
-from draft_models.ngram import NgramDrafter, scan_continuations
+from draft_models.ngram import NgramCorpus, NgramDrafter, scan_continuations
 from specserve.tree import TokenTree
 from specserve.tree.builders import tree_from_paths_within_budget
 
@@ -58,3 +58,48 @@ def test_a_sequence_that_does_not_continue_its_index_is_reindexed_and_release_fo
     assert tree == TokenTree.from_paths(7, [[9, 7], [8, 7]])
     drafter.release("s")
     assert drafter.indexes == {}
+
+
+def test_corpus_gives_the_newest_continuations_of_the_longest_suffix_it_holds():
+    corpus = NgramCorpus(max_tokens=100)
+    corpus.add([1, 2, 3, 4, 5, 6])
+    corpus.add([9, 2, 3, 7, 8])
+    corpus.add([1])  # too short to hold an n-gram of 2: ignored
+    assert corpus.next == 2
+    # suffix (2, 3) occurs in both documents: the newest first; (1, 2, 3) only in the first
+    assert corpus.continuations([5, 2, 3], depth=2, max_paths=4, exclude=[]) == [[7, 8], [4, 5]]
+    assert corpus.continuations([1, 2, 3], depth=3, max_paths=4, exclude=[]) == [[4, 5, 6]]
+    assert corpus.continuations([0, 2, 3], depth=2, max_paths=4, exclude=[[7, 8]]) == [[4, 5]]
+    assert corpus.continuations([7, 3], depth=2, max_paths=4, exclude=[]) == []  # single tokens never match
+
+
+def test_corpus_drops_the_oldest_documents_and_rebuilds_its_index():
+    corpus = NgramCorpus(max_tokens=10)
+    corpus.add([1, 2, 3, 4])
+    corpus.add([5, 2, 3, 6])
+    corpus.add([7, 2, 3, 8, 9])  # 13 tokens: the first document goes
+    assert (corpus.first, corpus.num_tokens) == (1, 9)
+    assert corpus.continuations([2, 3], depth=1, max_paths=4, exclude=[]) == [[8], [6]]
+    for k in range(6):  # dropped entries pile up until the index is rebuilt from what is kept
+        corpus.add([20 + k, 21 + k, 22 + k])
+        assert corpus.num_indexed <= 2 * corpus.num_tokens
+        assert corpus.num_tokens <= 10
+    assert corpus.continuations([2, 3], depth=1, max_paths=4, exclude=[]) == []
+    assert corpus.continuations([24, 25], depth=1, max_paths=4, exclude=[]) == [[26]]
+
+
+def test_a_released_sequence_drafts_for_the_next_one_after_its_own_context():
+    first = [40, 41, 42, 43, 44, 45, 46]
+    drafter = NgramDrafter(max_paths=2, corpus_tokens=1000)
+    drafter.propose([DraftRequest("a", first, 8, 3)])
+    drafter.release("a")
+    # b's suffix (41, 42) is not in its own context: the corpus continues it as a did
+    (tree,) = drafter.propose([DraftRequest("b", [7, 8, 41, 42], 8, 3)])
+    assert tree == tree_from_paths_within_budget(42, [[43, 44, 45]], 8)
+    # own continuations come first, then the corpus's
+    (tree,) = drafter.propose([DraftRequest("c", [42, 9, 41, 42], 8, 3)])
+    assert tree == tree_from_paths_within_budget(42, [[9, 41, 42], [43, 44, 45]], 8)
+    alone = NgramDrafter(max_paths=2)
+    alone.propose([DraftRequest("a", first, 8, 3)])
+    alone.release("a")
+    assert alone.propose([DraftRequest("b", [7, 8, 41, 42], 8, 3)])[0].num_nodes == 1
