@@ -94,13 +94,26 @@ def run_request(engine: LLMEngine, prompts: list[list[int]], params: SamplingPar
 
 
 def profile_mode(engine: LLMEngine, prompt: list[list[int]], params: SamplingParams, mode: str,
-                 profile_tokens: int) -> dict[str, Any]:
+                 profile_tokens: int, cprofile: bool = False) -> dict[str, Any]:
     """Step times from one request of ``params.max_tokens``; operators from a profiled request of
     ``profile_tokens`` (the profiler's post-processing takes minutes for thousands of CUDA steps)."""
     run_request(engine, prompt, params, mode)  # warm-up
     times, switched_off = run_request(engine, prompt, params, mode)
     params = replace(params, max_tokens=min(params.max_tokens, profile_tokens))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    python_top = None
+    if cprofile:  # the host's Python, function by function (torch.profiler sees operators only)
+        import cProfile
+        import pstats
+
+        host = cProfile.Profile()
+        host.enable()
+        run_request(engine, prompt, params, mode)
+        host.disable()
+        stats = pstats.Stats(host).stats
+        python_top = sorted(((f"{path}:{line}({name})", calls, 1e3 * own, 1e3 * cumulative)
+                             for (path, line, name), (calls, _, own, cumulative, _) in stats.items()),
+                            key=lambda row: -row[2])[:25]
     with profile(activities=activities) as prof:
         profiled, _ = run_request(engine, prompt, params, mode)
     num_steps = len(profiled)
@@ -118,6 +131,7 @@ def profile_mode(engine: LLMEngine, prompt: list[list[int]], params: SamplingPar
         "cuda_kernels_per_step": num_kernels / num_steps,
         "cuda_kernel_ms_per_step": device_ms,
         "ops": {key: {"per_step": round(count, 2), "self_cpu_ms_per_step": round(ms, 4)} for key, (count, ms) in ops.items()},
+        "python_top_by_own_ms": python_top,  # (function, calls, own ms, cumulative ms) over one request
     }
 
 
@@ -145,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--kv-cache-memory", type=float, default=1.0)
+    parser.add_argument("--cprofile", action="store_true", help="also cProfile one request (drafting and no-drafting modes)")
+    parser.add_argument("--offload", action="store_true", help="every layer streamed from host memory (specserve --offload)")
     parser.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=ModelConfig.enforce_eager,
                         help="--no-enforce-eager: steps replayed as CUDA graphs (on CUDA)")
     parser.add_argument("--out", default=None, help="JSON file (default: bench/results/step_profile_<device>.json)")
@@ -164,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, SpecserveError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    model_config = ModelConfig(device=args.device, enforce_eager=args.enforce_eager)
+    model_config = ModelConfig(device=args.device, enforce_eager=args.enforce_eager, offload=args.offload)
     loaded = load_model(model_config)
     prompt = [prompt_token_ids(loaded.tokenizer, p, prompt_set.chat_template) for p in prompt_set.prompts]
     prompt = (prompt * args.batch_size)[: args.batch_size]  # a set smaller than the batch repeats
@@ -178,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
             modes = [m for m in modes if m != "switched off"]
         if engine.gate is None or args.batch_size < MIN_BATCH:
             modes = [m for m in modes if m != "gate closed"]
-        results[name] = {mode: profile_mode(engine, prompt, params, mode, args.profile_tokens)
+        results[name] = {mode: profile_mode(engine, prompt, params, mode, args.profile_tokens,
+                                            args.cprofile and mode in ("drafting", "no drafting"))
                          for mode in modes}
         del engine
     reference = results["off"]["no drafting"]
