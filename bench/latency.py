@@ -46,6 +46,7 @@ from bench.latency_runners import (
 from bench.metrics import Acceptance, mean_token_latency, speedup, summary_or_none, throughput
 from bench.prompt_sets import WARMUP_TEXT, PromptSet, load_prompt_set, prompt_token_ids
 from specserve.config import CacheConfig, EngineConfig, ModelConfig, SpeculativeConfig
+from specserve.engine.gc_heap import freeze_startup_heap
 from specserve.engine.llm_engine import LLMEngine
 from specserve.errors import SpecserveError
 
@@ -349,6 +350,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         log(f"warm-up: {name}")
         runner.run_group([warmup_ids] * args.batch_size, [None if args.unseeded else args.seed] * args.batch_size,
                          warmup_tokens)
+    freeze_startup_heap()  # the engines live to the end: no full collection walks them mid-run
     budget = None if args.time_budget is None else args.time_budget / len(prompt_sets)
     results = {}
     for prompt_set, ids in zip(prompt_sets, all_ids):

@@ -9,6 +9,7 @@ import time
 
 from specserve.cli.args import add_engine_args, engine_config_from_args
 from specserve.config import SamplingParams
+from specserve.engine.gc_heap import freeze_startup_heap
 from specserve.engine.llm_engine import LLMEngine
 from specserve.engine.prompts import chat_prompt_ids, raw_prompt_ids
 from specserve.errors import SpecserveError
@@ -76,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         raise SpecserveError("the prompt is empty: pass some text to complete")
     config = engine_config_from_args(args)
     engine = LLMEngine(config)
+    freeze_startup_heap()
     if args.raw:
         prompt_ids = raw_prompt_ids(engine.tokenizer, prompt)
     else:

@@ -33,6 +33,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from specserve.config import EngineConfig
+from specserve.engine.gc_heap import freeze_startup_heap
 from specserve.engine.llm_engine import LLMEngine
 from specserve.engine.outputs import RequestOutput
 from specserve.errors import RequestError
@@ -111,8 +112,11 @@ class RequestStream:
 
 class AsyncEngine:
     def __init__(self, config: EngineConfig, metrics: ServerMetrics, max_queued_requests: int,
-                 engine_factory: Callable[[EngineConfig], LLMEngine] = LLMEngine) -> None:
+                 engine_factory: Callable[[EngineConfig], LLMEngine] = LLMEngine, freeze_heap: bool = False) -> None:
+        """``freeze_heap``: once the engine is built, freeze the process's heap (``gc_heap``); for
+        a server that owns its process."""
         self.config = config
+        self.freeze_heap = freeze_heap
         self.metrics = metrics
         self.capacity = config.scheduler.max_num_seqs + max_queued_requests
         self.engine_factory = engine_factory
@@ -241,6 +245,8 @@ class AsyncEngine:
         )
         self._record_state(engine)
         self.metrics.record_memory(**engine.memory_report())
+        if self.freeze_heap:
+            freeze_startup_heap()
         self._post(self._on_loaded, info)
         while True:
             with self._cond:

@@ -29,7 +29,7 @@ async def run_server(config: ServerConfig, engine_config: EngineConfig) -> int:
     log = logging.getLogger("specserve.server")
     loop = asyncio.get_running_loop()
     metrics = ServerMetrics()
-    engine = AsyncEngine(engine_config, metrics, config.max_queued_requests)
+    engine = AsyncEngine(engine_config, metrics, config.max_queued_requests, freeze_heap=True)
     app = OpenAIServer(config, engine, metrics).build_app()
     runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=HANDLER_GRACE_S)
     await runner.setup()

@@ -1,7 +1,16 @@
 import random
 
+import pytest
+
 from draft_models.base import DraftRequest
-from draft_models.ngram import NgramCorpus, NgramDrafter, scan_continuations
+from draft_models.ngram import (
+    KEY_BITS,
+    NgramCorpus,
+    NgramDrafter,
+    NgramIndex,
+    ngram_key,
+    scan_continuations,
+)
 from specserve.tree import TokenTree
 from specserve.tree.builders import tree_from_paths_within_budget
 
@@ -103,3 +112,13 @@ def test_a_released_sequence_drafts_for_the_next_one_after_its_own_context():
     alone.propose([DraftRequest("a", first, 8, 3)])
     alone.release("a")
     assert alone.propose([DraftRequest("b", [7, 8, 41, 42], 8, 3)])[0].num_nodes == 1
+
+
+def test_ngram_keys_are_ints_and_ids_beyond_their_width_are_refused():
+    index = NgramIndex(1, 3)
+    index.sync([5, 6, 5, 6])
+    assert all(isinstance(key, int) for starts in index.starts.values() for key in starts)
+    assert index.starts[2][ngram_key([5, 6])] == [0, 2]
+    assert ngram_key([5, 6]) == (5 << KEY_BITS) | 6
+    with pytest.raises(ValueError, match="n-gram key"):
+        NgramIndex(1, 2).sync([1, 1 << KEY_BITS])
