@@ -19,6 +19,7 @@ class DraftRequest:
     max_tree_tokens: int  # draft nodes allowed, root not counted (>= 0)
     max_depth: int  # longest draft path allowed (>= 0)
     drafters: tuple[str, ...] | None = None  # a merged drafter's members allowed to propose; None: all
+    own_context_only: bool = False  # draft from this sequence alone (no text of other requests)
 
 
 class Drafter(Protocol):

@@ -18,7 +18,8 @@ drafter keeps the texts of released sequences, prompt and output, in an ``NgramC
 most ``corpus_tokens`` tokens (oldest dropped first): a sequence's own continuations come
 first, then up to ``max_paths`` more from the corpus, newest text first, for its longest
 suffix of at least 2 tokens found there. Greedy output never depends on it (verification
-decides), only how many drafts are accepted.
+decides), only how many drafts are accepted; a seeded sampled request, whose text depends on
+the trees verified, drafts from its own text alone (``DraftRequest.own_context_only``).
 """
 
 from __future__ import annotations
@@ -209,7 +210,7 @@ class NgramDrafter:
                 index = self.indexes[request.seq_id] = NgramIndex(self.ngram_min, self.ngram_max)
             index.sync(request.token_ids)
             paths = index.continuations(request.max_depth, self.max_paths)
-            if self.corpus is not None:
+            if self.corpus is not None and not request.own_context_only:
                 paths += self.corpus.continuations(index.tokens, request.max_depth, self.max_paths, paths)
             trees.append(tree_from_paths_within_budget(root, paths, request.max_tree_tokens))
         return trees

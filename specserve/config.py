@@ -182,6 +182,13 @@ class SamplingParams:
         return self.temperature == 0
 
     @property
+    def reproducible(self) -> bool:
+        """Seeded sampling: the text must repeat for the same request, and it depends on which
+        trees are verified (which random draws are made), so drafts may depend only on the
+        request itself, never on timings or on other requests."""
+        return self.seed is not None and self.temperature > 0
+
+    @property
     def uses_history(self) -> bool:
         """The controls read the tokens so far (penalties): each tree node needs its path's counts."""
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1

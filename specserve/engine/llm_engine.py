@@ -211,8 +211,7 @@ class LLMEngine:
         spec = self.config.speculative
         # a seeded sampled request is never switched off: the decision rests on timings and on other
         # requests, and which trees are verified decides which random draws make its text
-        reproducible = params.seed is not None and params.temperature > 0
-        if seq.speculation.enabled and spec.switch_off and self.step_cost is not None and not reproducible:
+        if seq.speculation.enabled and spec.switch_off and self.step_cost is not None and not params.reproducible:
             prior = self.acceptance_priors.setdefault(seq.speculation.drafters, AcceptancePrior())
             starts_on = prior.pays(self.step_cost, spec.switch_off_window)
             make = SwitchOff if starts_on else SwitchOff.starting_off

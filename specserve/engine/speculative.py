@@ -35,6 +35,7 @@ def propose(drafter: Drafter | None, seqs: list[Sequence], num_slots: list[int])
         DraftRequest(
             seq.request_id, seq.token_ids, slots - 1,
             max(0, min(seq.speculation.max_depth, seq.remaining_tokens - 1)), seq.speculation.drafters,
+            own_context_only=seq.params.reproducible,
         )
         for seq, slots in zip(seqs, num_slots)
     ]

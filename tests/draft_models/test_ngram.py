@@ -122,3 +122,11 @@ def test_ngram_keys_are_ints_and_ids_beyond_their_width_are_refused():
     assert ngram_key([5, 6]) == (5 << KEY_BITS) | 6
     with pytest.raises(ValueError, match="n-gram key"):
         NgramIndex(1, 2).sync([1, 1 << KEY_BITS])
+
+
+def test_a_request_that_must_reproduce_drafts_from_its_own_text_only():
+    drafter = NgramDrafter(max_paths=2, corpus_tokens=1000)
+    drafter.propose([DraftRequest("a", [40, 41, 42, 43, 44], 8, 3)])
+    drafter.release("a")
+    (tree,) = drafter.propose([DraftRequest("b", [7, 8, 41, 42], 8, 3, own_context_only=True)])
+    assert tree.num_nodes == 1
