@@ -24,7 +24,7 @@ the trees verified, drafts from its own text alone (``DraftRequest.own_context_o
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 from draft_models.base import DraftRequest
 from specserve.tree import TokenTree
@@ -41,6 +41,34 @@ def ngram_key(tokens: list[int]) -> int:
     return key
 
 
+def ngram_keys(tokens: list[int], first_end: int, n_min: int, n_max: int) -> Iterator[tuple[int, int, int]]:
+    """(n, ngram_key(tokens[start : start + n]), start) of every n-gram, n in [n_min, n_max],
+    ending at a position from ``first_end`` on; per n the starts ascend. Keys grow one token at
+    a time from each end, so no n-gram is sliced."""
+    for end in range(first_end, len(tokens)):
+        key = 0
+        for n in range(1, min(n_max, end + 1) + 1):  # key of tokens[end + 1 - n : end + 1]
+            key |= tokens[end + 1 - n] << (KEY_BITS * (n - 1))
+            if n >= n_min:
+                yield n, key, end + 1 - n
+
+
+def first_distinct_paths(lengths: Iterable[int], max_paths: int, candidates: Callable[[int], Iterable[list[int]]],
+                         exclude: list[list[int]] = ()) -> list[list[int]]:
+    """For the first suffix length in ``lengths`` that yields any: up to ``max_paths`` distinct
+    non-empty paths of ``candidates(n)`` (newest first), none in ``exclude``."""
+    for n in lengths:
+        paths: list[list[int]] = []
+        for path in candidates(n):
+            if path and path not in paths and path not in exclude:
+                paths.append(path)
+                if len(paths) == max_paths:
+                    break
+        if paths:
+            return paths
+    return []
+
+
 def longest_suffix_paths(
     tokens: list[int], depth: int, n_min: int, n_max: int, max_paths: int,
     occurrences: Callable[[int], Iterable[int]],
@@ -48,18 +76,8 @@ def longest_suffix_paths(
     """Up to ``max_paths`` distinct continuations (at most ``depth`` tokens each) of the longest
     suffix, n in [n_min, n_max], that occurred before; ``occurrences(n)``: the earlier starts of
     the n-token suffix, newest first (the suffix's own start excluded)."""
-    n_tokens = len(tokens)
-    for n in range(min(n_max, n_tokens - 1), n_min - 1, -1):
-        paths: list[list[int]] = []
-        for start in occurrences(n):
-            path = tokens[start + n : start + n + depth]
-            if path and path not in paths:
-                paths.append(path)
-                if len(paths) == max_paths:
-                    break
-        if paths:
-            return paths
-    return []
+    return first_distinct_paths(range(min(n_max, len(tokens) - 1), n_min - 1, -1), max_paths,
+                                lambda n: (tokens[start + n : start + n + depth] for start in occurrences(n)))
 
 
 def scan_continuations(token_ids: list[int], depth: int, n_min: int, n_max: int, max_paths: int) -> list[list[int]]:
@@ -93,17 +111,13 @@ class NgramIndex:
         if len(token_ids) < known or (known and (token_ids[known - 1], token_ids[0]) != (self.tokens[-1], self.tokens[0])):
             self.__init__(self.n_min, self.n_max)
             known = 0
-        tokens = self.tokens
-        for end in range(known, len(token_ids)):  # n-grams ending at each new token
-            token = token_ids[end]
-            if not 0 <= token < 1 << KEY_BITS:
-                raise ValueError(f"token id {token} does not fit an n-gram key")
-            tokens.append(token)
-            key = 0
-            for n in range(1, min(self.n_max, end + 1) + 1):  # key of tokens[end + 1 - n : end + 1]
-                key |= tokens[end + 1 - n] << (KEY_BITS * (n - 1))
-                if n >= self.n_min:
-                    self.starts[n].setdefault(key, []).append(end + 1 - n)
+        new = token_ids[known:]
+        bad = next((token for token in new if not 0 <= token < 1 << KEY_BITS), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} does not fit an n-gram key")
+        self.tokens.extend(new)
+        for n, key, start in ngram_keys(self.tokens, known, self.n_min, self.n_max):  # n-grams ending at new tokens
+            self.starts[n].setdefault(key, []).append(start)
 
     def continuations(self, depth: int, max_paths: int) -> list[list[int]]:
         """Up to ``max_paths`` distinct continuations of the longest recurring suffix, newest first."""
@@ -155,27 +169,21 @@ class NgramCorpus:
 
     def _index(self, number: int, tokens: list[int]) -> None:
         self.num_indexed += len(tokens)
-        for n, starts in self.starts.items():
-            for start in range(len(tokens) - n + 1):
-                starts.setdefault(ngram_key(tokens[start : start + n]), []).append(number << 32 | start)
+        for n, key, start in ngram_keys(tokens, 0, self.n_min, self.n_max):
+            self.starts[n].setdefault(key, []).append(number << 32 | start)
 
     def continuations(self, context: list[int], depth: int, max_paths: int, exclude: list[list[int]]) -> list[list[int]]:
         """Up to ``max_paths`` distinct continuations (at most ``depth`` tokens) in the corpus of the
         longest suffix of ``context`` it holds (n in [n_min, n_max]), newest first, none in ``exclude``."""
-        for n in range(min(self.n_max, len(context)), self.n_min - 1, -1):
-            paths: list[list[int]] = []
+        def candidates(n: int) -> Iterator[list[int]]:
             for entry in reversed(self.starts[n].get(ngram_key(context[len(context) - n :]), ())):
                 number, start = entry >> 32, entry & 0xFFFFFFFF
                 if number < self.first:
-                    break  # older entries are all dropped
-                path = self.docs[number][start + n : start + n + depth]
-                if path and path not in paths and path not in exclude:
-                    paths.append(path)
-                    if len(paths) == max_paths:
-                        break
-            if paths:
-                return paths
-        return []
+                    return  # older entries are all dropped
+                yield self.docs[number][start + n : start + n + depth]
+
+        return first_distinct_paths(range(min(self.n_max, len(context)), self.n_min - 1, -1), max_paths, candidates,
+                                    exclude)
 
 
 class NgramDrafter:
