@@ -5,11 +5,19 @@ of the whole sequence (the drafter before the index), on synthetic sequences (CP
 
 Each step, every sequence proposes a tree (16 tokens, depth 6, 4 paths) and then grows by 1-3
 tokens from a small alphabet, so suffixes recur as in code. Both drafters propose the same trees.
+
+Garbage collection: a loaded model leaves a large heap, which every full collection walks.
+``--load-model`` keeps the default model (CPU, float32) alive meanwhile, and ``--freeze-heap``
+freezes the heap first, as the server does (``specserve/engine/gc_heap.py``); the first step
+(every prompt indexed) and the worst step are reported apart:
+
+    python -m bench.ngram_host --num-seqs 32 --load-model [--freeze-heap]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import random
 import time
 
@@ -24,16 +32,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-len", type=int, default=300)
     parser.add_argument("--steps", type=int, default=128)
     parser.add_argument("--alphabet", type=int, default=50)
+    parser.add_argument("--load-model", action="store_true", help="keep the default model loaded (its heap)")
+    parser.add_argument("--freeze-heap", action="store_true", help="freeze the heap before the steps (gc.freeze)")
     args = parser.parse_args(argv)
+    for flag in ("num_seqs", "prompt_len", "steps", "alphabet"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    loaded = None
+    if args.load_model:
+        from specserve.config import ModelConfig
+        from specserve.models.loader import load_model
+
+        loaded = load_model(ModelConfig(device="cpu", dtype="float32"))
+    if args.freeze_heap:
+        gc.collect()
+        gc.freeze()
     rng = random.Random(0)
     seqs = [[rng.randrange(args.alphabet) for _ in range(args.prompt_len)] for _ in range(args.num_seqs)]
     drafter = NgramDrafter(ngram_max=4, ngram_min=1, max_paths=4)
     indexed_s = scan_s = 0.0
+    indexed_steps = []
     for _ in range(args.steps):
         requests = [DraftRequest(f"s{i}", seq, max_tree_tokens=15, max_depth=6) for i, seq in enumerate(seqs)]
         start = time.perf_counter()
         trees = drafter.propose(requests)
-        indexed_s += time.perf_counter() - start
+        indexed_steps.append(time.perf_counter() - start)
+        indexed_s += indexed_steps[-1]
         start = time.perf_counter()
         scanned = [tree_from_paths_within_budget(seq[-1], scan_continuations(seq, 6, 1, 4, 4), 15) for seq in seqs]
         scan_s += time.perf_counter() - start
@@ -43,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.num_seqs} sequences, {args.prompt_len} + up to {3 * args.steps} tokens, {args.steps} steps: "
           f"scan {1e3 * scan_s / args.steps:.3f} ms/step, index {1e3 * indexed_s / args.steps:.3f} ms/step "
           f"({scan_s / indexed_s:.1f}x)")
+    later = indexed_steps[1:] or indexed_steps
+    print(f"index: first step {1e3 * indexed_steps[0]:.2f} ms, later steps mean {1e3 * sum(later) / len(later):.3f} ms, "
+          f"worst {1e3 * max(later):.2f} ms (model loaded: {loaded is not None}, frozen: {args.freeze_heap}, {len(gc.get_objects())} objects tracked)")
+    if args.freeze_heap:
+        gc.unfreeze()
     return 0
 
 

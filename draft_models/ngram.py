@@ -9,9 +9,9 @@ Each sequence keeps an index (``NgramIndex``: every n-gram, n in [ngram_min, ngr
 the positions it starts at), extended by the tokens appended since the last step, so a lookup
 costs the matches it returns rather than a scan of the whole sequence (16 sequences of a few
 hundred tokens took about 0.4 ms of Python per step scanned). An n-gram's key is one int
-(``ngram_key``), not a tuple: ints are not tracked by Python's cyclic garbage collector, tuples
-are, and a batch of new prompts indexed as tuples set off full collections of the whole heap
-(a 220 ms step at batch 32 on the H200).
+(``ngram_key``), which Python's cyclic garbage collector does not track (a tuple it does); the
+pauses of its full collections are kept off the serving path by freezing the heap
+(``specserve/engine/gc_heap.py``), not by the keys (``bench.ngram_host --load-model``).
 
 Across requests (as SGLang's n-gram cache and llama.cpp's dynamic lookup cache do), the
 drafter keeps the texts of released sequences, prompt and output, in an ``NgramCorpus`` of at

@@ -1,8 +1,9 @@
 """Keep Python's cyclic garbage collector off the serving path's heap.
 
 A loaded engine leaves hundreds of thousands of long-lived objects (torch modules, the
-tokenizer, captured graphs' bookkeeping). A full collection walks all of them: on the H200's
-host one took about 0.2 s, inside a decode step of 2 ms. After start-up everything alive is
+tokenizer, captured graphs' bookkeeping). A full collection walks all of them: 0.18 to 0.19 s on
+this project's 2-core CPU (``python -m bench.ngram_host --load-model``), and likely the 225 ms
+step met once at batch 32 on the H200, where a decode step takes 2 ms. After start-up everything alive is
 moved to the permanent generation (``gc.freeze``), as vLLM does, so later collections walk only
 what serving allocated since.
 
