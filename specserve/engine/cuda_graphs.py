@@ -223,7 +223,10 @@ class GraphRunner:
         capture: bool = True,
         feature_size: int | None = None,
         feature_dtype: torch.dtype = torch.float32,
+        replay_hooks: tuple[Callable[[], None], Callable[[], None]] | None = None,
     ) -> None:
+        """``replay_hooks``: (before, after) called around every graph replay (an offloaded model
+        waits for and then issues its cross-pass prefetch: ``offload.offloaded_model``)."""
         if attention.needs_dense_plan:
             raise ValueError(f"padded steps need attention without a host-built plan, not {attention.name!r}")
         self.capture = capture and device.type == "cuda"
@@ -234,6 +237,7 @@ class GraphRunner:
         if num_cache_blocks * kv_manager.block_size >= 2**31:
             raise ValueError("padded steps keep slots in int32: the KV cache has too many slots")
         self.forward = forward
+        self.replay_hooks = replay_hooks
         self.buckets = buckets
         self.kv_manager = kv_manager
         self.dummy_block = num_cache_blocks - 1
@@ -364,8 +368,14 @@ class GraphRunner:
             logits.copy_(out_logits)
             hidden.copy_(out_hidden)
 
+        hooks = self.replay_hooks
+
         def replay() -> tuple[torch.Tensor, torch.Tensor]:
+            if hooks is not None:
+                hooks[0]()
             graph.replay()
+            if hooks is not None:
+                hooks[1]()
             return logits, hidden
 
         return replay

@@ -96,7 +96,7 @@ class ModelRunner:
         self.device = kv_cache.kv.device
         self.graphs = None if graph_buckets is None else GraphRunner(
             self.logits, model.attention, graph_buckets, kv_manager, kv_cache.kv.shape[2], self.device, capture,
-            feature_size, kv_cache.kv.dtype,
+            feature_size, kv_cache.kv.dtype, (model.before_graph_replay, model.after_graph_replay),
         )
 
     @torch.inference_mode()

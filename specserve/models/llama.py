@@ -177,6 +177,14 @@ class LlamaForCausalLM(nn.Module):
         model streams its layers' weights in as the iteration reaches them."""
         return iter(self.layers[:num_layers])
 
+    def before_graph_replay(self) -> None:
+        """Called before a captured forward of this model replays (the offloaded model waits for
+        its prefetched layers); nothing here."""
+
+    def after_graph_replay(self) -> None:
+        """Called after a captured forward of this model is enqueued (the offloaded model
+        prefetches the next forward's first layers); nothing here."""
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[num_tokens, hidden_size] -> [num_tokens, vocab_size] float32."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

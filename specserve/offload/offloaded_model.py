@@ -15,10 +15,25 @@ ahead and absorbs such jitter. Events order the two streams:
     copy stream:    wait freed[b] -> copy layer into buffer b -> record copied[b]
     compute stream: wait copied[b] -> run the layer from buffer b -> record freed[b]
 
-A forward forks the copy stream from the compute stream before its first B copies (which
+A forward forks the copy stream from the compute stream before its first copies (which
 orders them after the previous forward's use of every buffer) and joins it back after its last
 layer, and records every event it waits on itself: so the whole streamed forward can be captured
 in a CUDA graph (host buffers and working buffers never move) and replayed.
+
+Prefetch across passes (P = B - 1 layers): a forward's first P offloaded layers are copied by
+the *previous* forward, right after its last layer, into buffers 0 .. P-1::
+
+    pass n:    ... layer L-1 | prefetch layers 0 .. P-1 of pass n+1 (copy stream)
+    host:                      read-back, accept, draft the next tree ...   | pass n+1
+    pass n+1:  wait for the prefetch, copy layer P into buffer P, ...
+
+so the host's work between two passes (and a drafter's forwards) overlaps P layers' copies
+instead of leaving the copy engine idle. Every pass still streams every offloaded layer once.
+Invariant: whenever no forward is running, buffers 0 .. P-1 hold (or are being copied) layers
+0 .. P-1 and ``ready`` is recorded after those copies. An eager forward waits for ``ready``
+and prefetches at its end itself; a captured forward does neither (the wait and the prefetch
+would be graph nodes outside the graph's own streams), so whoever replays it calls
+``before_replay`` and ``after_replay`` around it (``cuda_graphs.GraphRunner`` does).
 
 Keeping the *last* layers offloaded leaves the first ones resident, where an early-exit drafter
 runs them without streaming. On the CPU the same code copies synchronously (the test path).
@@ -40,7 +55,7 @@ from specserve.offload.layer_store import FlatLayout
 
 class LayerStreamer:
     """Host flat buffers of the offloaded layers, ``num_buffers`` device working buffers, streams
-    and events."""
+    and events; the first ``num_prefetched`` (B - 1) layers are prefetched across passes."""
 
     def __init__(self, template: LlamaDecoderLayer, layout: FlatLayout, host_flats: list[torch.Tensor],
                  device: torch.device, dtype: torch.dtype, num_buffers: int = 2) -> None:
@@ -55,6 +70,9 @@ class LayerStreamer:
         self.copy_stream = torch.cuda.Stream(device) if cuda else None
         self.copied = [torch.cuda.Event() for _ in range(num_buffers)] if cuda else None
         self.freed = [torch.cuda.Event() for _ in range(num_buffers)] if cuda else None
+        self.num_prefetched = min(num_buffers - 1, len(host_flats))  # P
+        self.ready = torch.cuda.Event() if cuda else None  # recorded after the prefetch's copies
+        self.prefetch()
 
     @property
     def num_buffers(self) -> int:
@@ -68,6 +86,29 @@ class LayerStreamer:
     def streamed_bytes(self) -> int:
         """Bytes copied to the device by one full forward."""
         return sum(flat.numel() * flat.element_size() for flat in self.host_flats)
+
+    def prefetch(self) -> None:
+        """Copy layers 0 .. P-1 into buffers 0 .. P-1 for the next forward, on the copy stream
+        after everything enqueued on the current stream so far (the forward that last used
+        them); records ``ready``. Synchronous off CUDA."""
+        if self.copy_stream is None:
+            for index in range(self.num_prefetched):
+                self.buffers[index].copy_(self.host_flats[index])
+            return
+        self.copy_stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.copy_stream):
+            for index in range(self.num_prefetched):
+                self.buffers[index].copy_(self.host_flats[index], non_blocking=True)
+            self.ready.record(self.copy_stream)
+
+    def before_replay(self) -> None:
+        """Before replaying a captured forward: the current stream waits for the prefetch."""
+        if self.ready is not None:
+            torch.cuda.current_stream().wait_event(self.ready)
+
+    def after_replay(self) -> None:
+        """After replaying a captured forward: prefetch for the next one."""
+        self.prefetch()
 
     def _copy(self, index: int, buffer: int, after_freed: bool) -> None:
         if self.copy_stream is None:
@@ -85,20 +126,26 @@ class LayerStreamer:
         return lambda *args: functional_call(self.template, views, args)
 
     def layers(self, count: int) -> Iterator[Callable[..., torch.Tensor]]:
-        """The first ``count`` offloaded layers, each streamed in before it is handed out. The
-        first ``num_buffers`` copies are issued now, so they overlap whatever the caller runs before it
-        asks for the first layer (the resident layers)."""
+        """The first ``count`` offloaded layers, each streamed in before it is handed out. Layers
+        0 .. P-1 are already prefetched; the copies of layers P .. B-1 are issued now, so they
+        overlap whatever the caller runs before it asks for the first layer (the resident
+        layers)."""
+        capturing = self.copy_stream is not None and torch.cuda.is_current_stream_capturing()
         if self.copy_stream is not None and count:
             self.copy_stream.wait_stream(torch.cuda.current_stream())  # fork
-        for index in range(min(self.num_buffers, count)):
+        for index in range(self.num_prefetched, min(self.num_buffers, count)):
             self._copy(index, index, after_freed=False)
-        return self._stream(count)
+        return self._stream(count, eager=not capturing)
 
-    def _stream(self, count: int) -> Iterator[Callable[..., torch.Tensor]]:
+    def _stream(self, count: int, eager: bool) -> Iterator[Callable[..., torch.Tensor]]:
+        """An eager forward waits for the prefetch before its first streamed layer and prefetches
+        after its last; a captured one leaves both to ``before_replay`` / ``after_replay``."""
         ahead = self.num_buffers
         for index in range(count):
             buffer = index % ahead
-            if self.copied is not None:
+            if index == 0 and eager:
+                self.before_replay()
+            if self.copied is not None and index >= self.num_prefetched:  # prefetched: waited for ``ready``
                 torch.cuda.current_stream().wait_event(self.copied[buffer])
             yield self._layer_in(buffer)
             if self.freed is not None:  # the caller has enqueued this layer's compute
@@ -107,6 +154,8 @@ class LayerStreamer:
                 self._copy(index + ahead, buffer, after_freed=True)
         if self.copy_stream is not None and count:
             torch.cuda.current_stream().wait_stream(self.copy_stream)  # join
+        if count and eager:
+            self.prefetch()
 
 
 class OffloadedLlamaForCausalLM(LlamaForCausalLM):
@@ -126,6 +175,12 @@ class OffloadedLlamaForCausalLM(LlamaForCausalLM):
     @property
     def num_resident(self) -> int:
         return len(self.layers)
+
+    def before_graph_replay(self) -> None:
+        self.streamer.before_replay()
+
+    def after_graph_replay(self) -> None:
+        self.streamer.after_replay()
 
     def layer_sequence(self, num_layers: int) -> Iterator[Callable[..., torch.Tensor]]:
         streamed = self.streamer.layers(max(0, num_layers - self.num_resident))  # copies start here

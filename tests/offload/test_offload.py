@@ -61,6 +61,27 @@ def test_three_working_buffers_give_the_resident_logits(smollm):
                                rtol=0, atol=0)
 
 
+def test_prefetched_layers_are_in_place_between_passes_and_outputs_stay_exact(smollm):
+    """With 4 buffers the first 3 layers of a pass are copied by the pass before (prefetch across
+    passes): between passes buffers 0..2 hold layers 0..2, and generation through an early-exit
+    drafter (2-layer forwards of the same streamed layers) mixed with full passes gives the
+    resident engine's tokens exactly."""
+    streamed = load_model(ModelConfig(device="cpu", dtype="float32", offload=True, offload_buffers=4))
+    streamer = streamed.model.streamer
+    assert streamer.num_prefetched == 3 and streamed.residency.num_resident == 0
+    torch.testing.assert_close(prompt_logits(streamed.model, PROMPT), prompt_logits(smollm.model, PROMPT),
+                               rtol=0, atol=0)
+    for index in range(3):  # layer 27 went through buffer 27 % 4 = 3, layers 28, 29 through 0, 1: prefetched over
+        assert torch.equal(streamer.buffers[index], streamer.host_flats[index])
+    spec = SpeculativeConfig(method="early_exit", num_layers=2, max_tree_tokens=6, max_depth=3)
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    prompts = [PROMPT, PROMPT[:5] * 3]
+    ours = LLMEngine(EngineConfig(cache=CacheConfig(num_blocks=64), speculative=spec), loaded=streamed).generate(prompts, params)
+    ref = LLMEngine(EngineConfig(cache=CacheConfig(num_blocks=64)), loaded=smollm).generate(prompts, params)
+    assert [o.token_ids for o in ours] == [o.token_ids for o in ref]
+    assert all(torch.equal(streamer.buffers[i], streamer.host_flats[i]) for i in range(3))
+
+
 def test_planner_arithmetic_and_errors():
     arch = LlamaArchConfig(vocab_size=100, hidden_size=8, intermediate_size=16, num_layers=4, num_heads=2,
                            num_kv_heads=1, head_dim=4, max_position_embeddings=64, tie_word_embeddings=True)
@@ -88,20 +109,23 @@ def test_planner_arithmetic_and_errors():
 def test_gpu_offloaded_graphs_equal_eager_and_resident():
     """On CUDA, fp32: the fully offloaded model's streamed forward captured in CUDA graphs (its
     layer copies are graph nodes) gives the resident eager engine's greedy tokens, with and
-    without speculation."""
+    without speculation, with 2 and 5 working buffers."""
     resident = load_model(ModelConfig(device="cuda", dtype="float32"))
     prompts = [PROMPT, PROMPT[:5] * 3, list(range(300, 340))]
     params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
     ref = LLMEngine(EngineConfig(cache=CacheConfig(num_blocks=64)), loaded=resident).generate(prompts, params)
     del resident
-    streamed = load_model(ModelConfig(device="cuda", dtype="float32", offload=True, enforce_eager=False))
-    assert streamed.residency.num_resident == 0
-    for spec in (SpeculativeConfig(), SpeculativeConfig(method="ngram", max_tree_tokens=8)):
-        engine = LLMEngine(EngineConfig(model=ModelConfig(enforce_eager=False), cache=CacheConfig(num_blocks=64),
-                                        speculative=spec), loaded=streamed)
-        ours = engine.generate(prompts, params)
-        assert engine.runner.graphs is not None and engine.runner.graphs.num_captured > 0
-        assert [o.token_ids for o in ours] == [o.token_ids for o in ref]
+    for num_buffers in (2, 5):  # 5: four layers prefetched across passes, waited for before each replay
+        streamed = load_model(ModelConfig(device="cuda", dtype="float32", offload=True, enforce_eager=False,
+                                          offload_buffers=num_buffers))
+        assert streamed.residency.num_resident == 0
+        for spec in (SpeculativeConfig(), SpeculativeConfig(method="ngram", max_tree_tokens=8)):
+            engine = LLMEngine(EngineConfig(model=ModelConfig(enforce_eager=False), cache=CacheConfig(num_blocks=64),
+                                            speculative=spec), loaded=streamed)
+            ours = engine.generate(prompts, params)
+            assert engine.runner.graphs is not None and engine.runner.graphs.num_captured > 0
+            assert [o.token_ids for o in ours] == [o.token_ids for o in ref], (num_buffers, spec.method)
+        del streamed, engine
 
 
 def test_offloaded_cost_curve_is_cached_apart_from_the_resident_one(smollm, offloaded, tmp_path, monkeypatch):
