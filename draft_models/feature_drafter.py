@@ -16,7 +16,9 @@ Invariant: ``states[seq]`` holds the target states observed for positions from
 computed for this sequence (a prefix taken from the prefix cache, or position -1) reads zeros.
 Draft-side K/V follow ``ModelDrafter``'s rollback (trim to the root, recompute the accepted).
 With graph buckets, steps that fit run padded from static buffers (CUDA graphs on CUDA), the
-states read travelling in the runner's feature buffer (``cuda_graphs``).
+states read travelling in the runner's feature buffer (``cuda_graphs``); a chain step's levels
+then run as one graph, each level reading the states the level before predicted, on the device
+(``chain_graphs``).
 """
 
 from __future__ import annotations

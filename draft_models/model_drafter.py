@@ -14,6 +14,8 @@ committed tokens of every sequence it drafts for. One ``propose`` call, for ever
    token (taken on the device from level d-1's top candidates) at position root + d, its K/V
    written past the root like a tree node's, and the candidates of every level are read back
    once, after the last (``_propose_chain``). The result equals the level-by-level loop's.
+   With graph buckets and every sequence drafting as deep, all levels run as one CUDA graph
+   (``chain_graphs``; padded and eager off CUDA).
 
 Invariant: after ``propose``, the drafter's cache holds exactly the sequence's tokens up to and
 including the root at positions 0 .. root; draft nodes' slots lie past it and are released at
@@ -32,6 +34,7 @@ from draft_models.base import DraftRequest
 from specserve.cache.kv_cache import KVCache
 from specserve.cache.kv_cache_manager import KVCacheManager
 from specserve.config import SpeculativeConfig
+from specserve.engine.chain_graphs import ChainGraphRunner
 from specserve.engine.cuda_graphs import GraphBuckets
 from specserve.engine.model_runner import ModelRunner, TreeBatchItem
 from specserve.models.llama import LlamaForCausalLM
@@ -86,13 +89,18 @@ class ModelDrafter:
         )
         self.runner = ModelRunner(model, self.kv_cache, self.kv_manager, num_layers, graph_buckets,
                                   feature_size=feature_size)
+        # no graphs over streamed layers here: their capture copies their weights twice per bucket,
+        # and a chain graph's replay would skip the streamer's cross-pass prefetch (the engine skips those too)
+        resident = num_layers <= getattr(model, "num_resident", num_layers)
+        chained = resident and self.runner.graphs is not None and config.tree == "chain" and config.max_depth >= 2
+        self.chain_graphs = ChainGraphRunner(self.runner.graphs, config.max_depth - 1, config.top_k) if chained else None
         model.attention.warm_up(  # a draft of other head shapes than the target's has its own variants
             model.cfg, block_size, num_blocks * block_size, model.embed_tokens.weight.dtype, device
         )
-        # no first-capture stalls mid-serving (none off CUDA); not over streamed layers, whose
-        # capture copies their weights twice per bucket (the engine skips those too)
-        if num_layers <= getattr(model, "num_resident", num_layers):
+        if resident:  # no first-capture stalls mid-serving (none off CUDA)
             self.runner.capture_graphs()
+            if self.chain_graphs is not None:
+                self.chain_graphs.capture_all(config.max_depth - 1)
         self.num_cached: dict[str, int] = {}  # tokens of each sequence with K/V in our cache
         self.select_counts = select_counts
 
@@ -194,7 +202,15 @@ class ModelDrafter:
         active = [s for s, d in enumerate(depths) if d > 0]
         levels = [(active, *top_on_device(root_logits[active] if len(active) < len(requests) else root_logits, k))]
         states = self._chain_root_states([requests[s] for s in active])
-        for level in range(1, max(depths, default=0)):
+        num_levels = max(depths, default=0) - 1
+        done = 0  # levels run so far: every one, in one graph, when every chain is as deep and fits
+        if self.chain_graphs is not None and num_levels >= 1 and all(depths[s] == num_levels + 1 for s in active):
+            fused = self.chain_graphs.run([requests[s].seq_id for s in active], [root_prefix[s] for s in active],
+                                          num_levels, levels[0][2][:, 0], states)
+            if fused is not None:
+                levels += [(active, values, ids) for values, ids in zip(*fused)]
+                done = num_levels
+        for level in range(done + 1, num_levels + 1):
             previous, _, ids = levels[-1]
             active = [s for s in previous if depths[s] > level]
             keep = None if len(active) == len(previous) else torch.tensor(

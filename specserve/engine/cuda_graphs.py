@@ -203,6 +203,19 @@ def pack_step(
     return cu_tree_lens
 
 
+def forward_views(forward: Forward, views: dict[str, torch.Tensor], features: torch.Tensor | None):
+    """``forward`` over one bucket's static views (``StaticLayout.views`` of the device buffer):
+    (logits [T, vocab], hidden [T, hidden_size])."""
+    meta = AttentionMetadata(
+        slot_mapping=views["slot_mapping"].long(),
+        block_tables=views["block_tables"],
+        prefix_lens=views["prefix_lens"],
+        tree_lens=views["tree_lens"],
+        tree_parents=views["tree_parents"],
+    )
+    return forward(views["input_ids"].long(), views["positions"].long(), meta, views["logit_indices"].long(), features)
+
+
 class GraphRunner:
     """Runs ``forward`` at bucketed shapes from static buffers; on CUDA (``capture``) each
     bucket's forward is a CUDA graph, captured by ``capture_all`` (the engine calls it at
@@ -333,16 +346,8 @@ class GraphRunner:
         views = self.layout.views(self.static, *bucket)
 
         def forward() -> torch.Tensor:
-            meta = AttentionMetadata(
-                slot_mapping=views["slot_mapping"].long(),
-                block_tables=views["block_tables"],
-                prefix_lens=views["prefix_lens"],
-                tree_lens=views["tree_lens"],
-                tree_parents=views["tree_parents"],
-            )
             features = None if self.features is None else self.features[: bucket[1]]
-            return self.forward(views["input_ids"].long(), views["positions"].long(), meta,
-                                views["logit_indices"].long(), features)
+            return forward_views(self.forward, views, features)
 
         return forward
 
