@@ -273,15 +273,16 @@ class GraphRunner:
     def num_captured(self) -> int:
         return len(self.forwards) if self.capture else 0
 
-    def capture_all(self) -> int:
+    def capture_all(self, max_num_seqs: int | None = None) -> int:
         """Capture every bucket not yet captured (``GraphBuckets.all_buckets``, largest first, so
-        smaller graphs reuse the pool's memory) from an all-padding step; the number captured.
-        A no-op without ``capture``."""
+        smaller graphs reuse the pool's memory; only those of at most ``max_num_seqs``
+        sequences if given) from an all-padding step; the number captured. A no-op without
+        ``capture``."""
         if not self.capture:
             return 0
         before = self.num_captured
         for bucket in self.buckets.all_buckets():
-            if bucket not in self.forwards:
+            if bucket not in self.forwards and (max_num_seqs is None or bucket[0] <= max_num_seqs):
                 self.stage_padding(bucket)
                 self.forwards[bucket] = self._capture(bucket)
         return self.num_captured - before

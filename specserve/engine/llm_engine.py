@@ -63,9 +63,11 @@ class LLMEngine:
             arch, cache_cfg.block_size, self.max_model_len + config.speculative.max_tree_tokens + 1,
             self.loaded.dtype, self.loaded.device,
         )
-        # every graph now, not on a bucket's first use mid-serving; an offloaded model's capture
-        # streams its weights twice per bucket, and there a first-use stall is about one pass
-        self.num_graphs_captured = 0 if self.loaded.residency is not None else self.runner.capture_graphs()
+        # every graph now, not on a bucket's first use mid-serving (an eager forward plus a
+        # capture: several passes); an offloaded model's capture streams its weights twice per
+        # bucket, so there only the one-sequence buckets (15), the rest on first use
+        offloaded = self.loaded.residency is not None
+        self.num_graphs_captured = self.runner.capture_graphs(1 if offloaded else None)
         self.scheduler = Scheduler(config.scheduler, self.kv_manager)
         self.step_cost: StepCost | None = None  # the auto budget's and the switch-off's cost curve
         select_counts = None

@@ -100,10 +100,11 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def capture_graphs(self) -> int:
-        """Capture the CUDA graph of every bucket now (``GraphRunner.capture_all``), so no step
-        stalls on a first capture; the number captured (0 without graphs or off CUDA)."""
-        return 0 if self.graphs is None else self.graphs.capture_all()
+    def capture_graphs(self, max_num_seqs: int | None = None) -> int:
+        """Capture the CUDA graph of every bucket (of at most ``max_num_seqs`` sequences if
+        given) now (``GraphRunner.capture_all``), so no step stalls on a first capture; the
+        number captured (0 without graphs or off CUDA)."""
+        return 0 if self.graphs is None else self.graphs.capture_all(max_num_seqs)
 
     def logits(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, logit_indices: torch.Tensor,

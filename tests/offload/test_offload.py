@@ -124,6 +124,8 @@ def test_gpu_offloaded_graphs_equal_eager_and_resident():
                                             speculative=spec), loaded=streamed)
             ours = engine.generate(prompts, params)
             assert engine.runner.graphs is not None and engine.runner.graphs.num_captured > 0
+            # the one-sequence buckets are captured at start-up, the others on first use
+            assert engine.num_graphs_captured == sum(s == 1 for s, _ in engine.graph_buckets.all_buckets())
             assert [o.token_ids for o in ours] == [o.token_ids for o in ref], (num_buffers, spec.method)
         del streamed, engine
 
