@@ -140,3 +140,19 @@ def test_offloaded_cost_curve_is_cached_apart_from_the_resident_one(smollm, offl
     files = sorted(p.name for p in (tmp_path / "calibration").iterdir())
     resident = offloaded.residency.num_resident
     assert len(files) == 2 and sum(f"-eager-resident{resident}of30-" in name for name in files) == 1, files
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_bf16_prefetching_offloaded_model_decodes_as_the_resident_one():
+    """bf16 with CUDA graphs, as served: 9 working buffers (8 layers prefetched across passes)
+    give the resident model's greedy tokens exactly, speculation off and n-gram (same shapes,
+    same kernels: the streamed weights are the same bytes)."""
+    resident = load_model(ModelConfig(device="cuda", dtype="bfloat16"))
+    streamed = load_model(ModelConfig(device="cuda", dtype="bfloat16", offload=True, offload_buffers=9))
+    prompts = [PROMPT, PROMPT[:5] * 3, list(range(300, 340))]
+    params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+    for spec in ("off", "ngram"):
+        outs = [LLMEngine(EngineConfig(cache=CacheConfig(num_blocks=64), speculative=SpeculativeConfig.parse(spec)),
+                          loaded=loaded).generate(prompts, params) for loaded in (resident, streamed)]
+        assert [o.token_ids for o in outs[0]] == [o.token_ids for o in outs[1]], spec
