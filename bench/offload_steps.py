@@ -2,10 +2,10 @@
 the copy and compute streams over a few steady steps.
 
     python -m bench.offload_steps --num-buffers 9 --spec '{"method":"ngram","max_tree_tokens":256,"max_depth":32,"widths":[16]}'
-    python -m bench.offload_steps --max-tokens 8 --num-prompts 2         # CPU smoke run (no timeline)
+    python -m bench.offload_steps --max-tokens 8 --num-prompts 2 --prompt-set chat   # CPU smoke run (no timeline)
 
 SmolLM2 fully offloaded (``--num-buffers`` working buffers, B - 1 layers prefetched across
-passes), greedy, HumanEval prompts: the first warms up; the second is decoded step by step,
+passes), greedy, prompts of ``--prompt-set`` (HumanEval by default): the first warms up; the second is decoded step by step,
 reporting the median of the engine's own step record (``StepStats``: drafting, verify = the
 target forward through the read of accepted tokens, the rest of the step) for steps that
 verified a drafted tree and for plain steps. Then, on CUDA, ``torch.profiler`` covers
@@ -94,16 +94,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-buffers", type=int, default=9)
     parser.add_argument("--spec", default='{"method":"ngram","max_tree_tokens":256,"max_depth":32,"widths":[16]}')
-    parser.add_argument("--num-prompts", type=int, default=3, help="HumanEval prompts: warm-up, measured, timeline")
+    parser.add_argument("--prompt-set", default="humaneval", help="humaneval, chat, ... (bench.prompt_sets)")
+    parser.add_argument("--num-prompts", type=int, default=3, help="prompts: warm-up, measured, timeline")
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--timeline-steps", type=int, default=4)
     args = parser.parse_args(argv)
     if args.num_buffers < 2 or args.num_prompts < 2 or args.max_tokens < 1 or args.timeline_steps < 1:
         parser.error("--num-buffers must be at least 2, --num-prompts 2, --max-tokens and --timeline-steps 1")
+    try:  # bad input stops here, before the model loads
+        prompt_set = load_prompt_set(args.prompt_set, args.num_prompts)
+    except (ValueError, OSError) as exc:
+        parser.error(f"--prompt-set: {exc}")
     cuda = torch.cuda.is_available()
     loaded = load_model(ModelConfig(device="cuda" if cuda else "cpu", dtype="bfloat16" if cuda else "float32",
                                     offload=True, offload_buffers=args.num_buffers))
-    prompt_set = load_prompt_set("humaneval", args.num_prompts)
     prompts = [prompt_token_ids(loaded.tokenizer, p, prompt_set.chat_template) for p in prompt_set.prompts]
     engine = LLMEngine(EngineConfig(cache=CacheConfig(kv_cache_memory_gb=1.0),
                                     speculative=SpeculativeConfig.parse(args.spec)), loaded=loaded)

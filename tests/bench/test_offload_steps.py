@@ -19,11 +19,14 @@ def test_step_medians_line():
 
 
 def test_cpu_smoke_run(capsys):
-    assert offload_steps.main(["--num-buffers", "3", "--num-prompts", "2", "--max-tokens", "6"]) == 0
+    argv = ["--num-buffers", "3", "--num-prompts", "2", "--max-tokens", "6", "--prompt-set", "chat"]
+    assert offload_steps.main(argv) == 0
     out = capsys.readouterr().out
     assert "3 buffers, prompt 1, 6 tokens in" in out and "drafted steps:" in out and "plain steps:" in out
 
 
-def test_bad_arguments_are_refused():
-    with pytest.raises(SystemExit):
-        offload_steps.main(["--num-buffers", "1"])
+def test_bad_arguments_are_refused(capsys):
+    for argv in (["--num-buffers", "1"], ["--prompt-set", "no/such/file.jsonl"]):
+        with pytest.raises(SystemExit):
+            offload_steps.main(argv)
+    assert "--prompt-set:" in capsys.readouterr().err
