@@ -22,6 +22,7 @@ import json
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -71,7 +72,7 @@ def timeline(engine: LLMEngine, num_steps: int) -> list[str]:
         torch.cuda.synchronize()
     with tempfile.NamedTemporaryFile(suffix=".json") as trace:
         prof.export_chrome_trace(trace.name)
-        events = json.load(open(trace.name))["traceEvents"]
+        events = json.loads(Path(trace.name).read_text())["traceEvents"]
     spans = [e for e in events if e.get("ph") == "X"]
     gpu = sorted((e for e in spans if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
     if not gpu:

@@ -89,9 +89,10 @@ class ModelDrafter:
         )
         self.runner = ModelRunner(model, self.kv_cache, self.kv_manager, num_layers, graph_buckets,
                                   feature_size=feature_size)
-        # no graphs over streamed layers here: their capture copies their weights twice per bucket,
-        # and a chain graph's replay would skip the streamer's cross-pass prefetch (the engine skips those too)
-        resident = num_layers <= getattr(model, "num_resident", num_layers)
+        # over layers streamed from host memory (an early-exit drafter on an offloaded target):
+        # no start-up capture (each copies the streamed weights twice; first use captures) and
+        # no chain graphs (their replay would skip the streamer's prefetch)
+        resident = not model.streamed_layers(num_layers)
         chained = resident and self.runner.graphs is not None and config.tree == "chain" and config.max_depth >= 2
         self.chain_graphs = ChainGraphRunner(self.runner.graphs, config.max_depth - 1, config.top_k) if chained else None
         model.attention.warm_up(  # a draft of other head shapes than the target's has its own variants

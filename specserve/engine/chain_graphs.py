@@ -84,9 +84,12 @@ class ChainGraphRunner:
     CUDA (captured by ``capture_all`` or on first use), else eagerly; ``graphs``: the drafter's
     ``GraphRunner`` (its forward, buckets, KV manager, dummy block, pool and table width).
     ``max_levels``: the most levels a step runs (the drafter's max_depth - 1); ``top_k``: the
-    candidates kept per level."""
+    candidates kept per level. Resident layers only: a replay here calls no streaming hooks
+    (``GraphRunner.replay_hooks``), so over streamed layers it would read stale buffers."""
 
     def __init__(self, graphs: GraphRunner, max_levels: int, top_k: int) -> None:
+        if graphs.replay_hooks is not None:  # its levels would read buffers the prefetch refills
+            raise ValueError("chain graphs run resident layers only, not layers streamed from host memory")
         self.graphs = graphs
         self.top_k = top_k
         self.max_levels = max_levels

@@ -203,7 +203,8 @@ def pack_step(
     return cu_tree_lens
 
 
-def forward_views(forward: Forward, views: dict[str, torch.Tensor], features: torch.Tensor | None):
+def forward_views(forward: Forward, views: dict[str, torch.Tensor],
+                  features: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``forward`` over one bucket's static views (``StaticLayout.views`` of the device buffer):
     (logits [T, vocab], hidden [T, hidden_size])."""
     meta = AttentionMetadata(

@@ -25,5 +25,6 @@ def freeze_startup_heap() -> int:
     left alive then as leaks)."""
     gc.collect()
     gc.freeze()
+    atexit.unregister(gc.unfreeze)  # one exit handler however often this is called
     atexit.register(gc.unfreeze)
     return gc.get_freeze_count()

@@ -65,7 +65,7 @@ class LLMEngine:
         )
         # every graph now, not on a bucket's first use mid-serving (an eager forward plus a
         # capture: several passes); an offloaded model's capture streams its weights twice per
-        # bucket, so there only the one-sequence buckets (15), the rest on first use
+        # bucket, so there only the one-sequence buckets (one per token size), the rest on first use
         offloaded = self.loaded.residency is not None
         self.num_graphs_captured = self.runner.capture_graphs(1 if offloaded else None)
         self.scheduler = Scheduler(config.scheduler, self.kv_manager)
@@ -102,8 +102,9 @@ class LLMEngine:
         dtype = str(self.loaded.dtype).removeprefix("torch.")
         mode = "eager" if self.graph_buckets is None else "graphs"  # the two cost curves differ by 10x
         residency = self.loaded.residency  # an offloaded model's passes cost what its copies cost
-        if residency is not None:
-            mode += f"-resident{residency.num_resident}of{self.loaded.arch.num_layers}"
+        if residency is not None:  # and what its prefetch hides: B - 1 layers per pass
+            mode += (f"-resident{residency.num_resident}of{self.loaded.arch.num_layers}"
+                     f"-buffers{self.loaded.model.streamer.num_buffers}")
         tag = f"{device_name}-{self.loaded.name}-{dtype}-bs{self.config.cache.block_size}-{mode}".replace(" ", "_")
         # sizes up to twice a full tree, and with graphs up to the largest graph step (what a batch
         # of trees can reach); the context shrinks to fit small models and pools

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -96,8 +97,17 @@ class ModelRunner:
         self.device = kv_cache.kv.device
         self.graphs = None if graph_buckets is None else GraphRunner(
             self.logits, model.attention, graph_buckets, kv_manager, kv_cache.kv.shape[2], self.device, capture,
-            feature_size, kv_cache.kv.dtype, (model.before_graph_replay, model.after_graph_replay),
+            feature_size, kv_cache.kv.dtype, self._replay_hooks(),
         )
+
+    def _replay_hooks(self) -> tuple[Callable[[], None], Callable[[], None]] | None:
+        """(before, after) a graph replay when this runner's forward streams layers in (an
+        offloaded model's: its cross-pass prefetch); None otherwise, e.g. an early-exit drafter
+        over resident layers only, which must neither wait for nor redo the prefetch."""
+        num_layers = self.num_layers or self.model.cfg.num_layers
+        if not self.model.streamed_layers(num_layers):
+            return None
+        return self.model.before_graph_replay, lambda: self.model.after_graph_replay(num_layers)
 
     @torch.inference_mode()
     def capture_graphs(self, max_num_seqs: int | None = None) -> int:

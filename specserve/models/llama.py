@@ -165,6 +165,7 @@ class LlamaForCausalLM(nn.Module):
         """The decoder layers (the first ``num_layers``) and the final norm: [num_tokens, hidden_size]."""
         cos_sin = self.cos_sin[positions]
         residual = None
+        # layer_sequence first: zip exhausts it, which an offloaded model's streaming relies on
         for layer, kv_cache in zip(self.layer_sequence(num_layers or self.cfg.num_layers), kv_caches):
             hidden, residual = layer(hidden, residual, cos_sin, kv_cache, meta, self.attention)
         if residual is None:
@@ -177,13 +178,18 @@ class LlamaForCausalLM(nn.Module):
         model streams its layers' weights in as the iteration reaches them."""
         return iter(self.layers[:num_layers])
 
-    def before_graph_replay(self) -> None:
-        """Called before a captured forward of this model replays (the offloaded model waits for
-        its prefetched layers); nothing here."""
+    def streamed_layers(self, num_layers: int) -> int:
+        """How many of the first ``num_layers`` layers a forward streams in from host memory
+        (an offloaded model's); none here."""
+        return 0
 
-    def after_graph_replay(self) -> None:
-        """Called after a captured forward of this model is enqueued (the offloaded model
-        prefetches the next forward's first layers); nothing here."""
+    def before_graph_replay(self) -> None:
+        """Called before a captured forward that streams layers replays (the offloaded model
+        waits for its prefetched layers); nothing here."""
+
+    def after_graph_replay(self, num_layers: int) -> None:
+        """Called after a captured forward of the first ``num_layers`` layers that streams some
+        is enqueued (the offloaded model prefetches what it overwrote); nothing here."""
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[num_tokens, hidden_size] -> [num_tokens, vocab_size] float32."""

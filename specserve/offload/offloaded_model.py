@@ -28,12 +28,18 @@ the *previous* forward, right after its last layer, into buffers 0 .. P-1::
     pass n+1:  wait for the prefetch, copy layer P into buffer P, ...
 
 so the host's work between two passes (and a drafter's forwards) overlaps P layers' copies
-instead of leaving the copy engine idle. Every pass still streams every offloaded layer once.
+instead of leaving the copy engine idle. Every full pass still streams every offloaded layer
+once; a forward of few layers (an early-exit drafter's) re-copies only the prefetched buffers
+it overwrote (``stale``). (The copy of layer P is issued at the fork, before any resident
+layer runs; the wait for ``ready`` comes before the first streamed layer.)
 Invariant: whenever no forward is running, buffers 0 .. P-1 hold (or are being copied) layers
 0 .. P-1 and ``ready`` is recorded after those copies. An eager forward waits for ``ready``
-and prefetches at its end itself; a captured forward does neither (the wait and the prefetch
-would be graph nodes outside the graph's own streams), so whoever replays it calls
-``before_replay`` and ``after_replay`` around it (``cuda_graphs.GraphRunner`` does).
+and prefetches at its end itself. A captured forward does neither: ``ready`` is recorded
+outside the capture, so waiting on it inside would fail, and a prefetch inside the graph would
+hold the graph (and the host's read of its logits) until the copies end. Whoever replays it
+calls ``before_replay`` and ``after_replay`` around it (``cuda_graphs.GraphRunner`` does, for
+runners whose forward streams: ``ModelRunner``). The join and the prefetch run when the
+layer iterator is exhausted: callers iterate it to the end (``LlamaForCausalLM.run_layers``).
 
 Keeping the *last* layers offloaded leaves the first ones resident, where an early-exit drafter
 runs them without streaming. On the CPU the same code copies synchronously (the test path).
@@ -87,17 +93,28 @@ class LayerStreamer:
         """Bytes copied to the device by one full forward."""
         return sum(flat.numel() * flat.element_size() for flat in self.host_flats)
 
-    def prefetch(self) -> None:
-        """Copy layers 0 .. P-1 into buffers 0 .. P-1 for the next forward, on the copy stream
-        after everything enqueued on the current stream so far (the forward that last used
-        them); records ``ready``. Synchronous off CUDA."""
+    def stale(self, count: int | None) -> list[int]:
+        """The prefetched buffers a forward of the first ``count`` offloaded layers overwrote
+        (layer b + B, b + 2B, ... ran from buffer b); every one of them for ``None``."""
+        if count is None:
+            return list(range(self.num_prefetched))
+        return [b for b in range(self.num_prefetched) if b + self.num_buffers < count]
+
+    def prefetch(self, count: int | None = None) -> None:
+        """Copy layer b into buffer b again for every prefetched buffer b that a forward of
+        ``count`` offloaded layers overwrote (``stale``), on the copy stream after everything
+        enqueued on the current stream so far; records ``ready`` after them (earlier copies on
+        that stream precede it). Synchronous off CUDA."""
+        stale = self.stale(count)
+        if not stale:
+            return  # ``ready`` still stands for buffers the forward left alone
         if self.copy_stream is None:
-            for index in range(self.num_prefetched):
+            for index in stale:
                 self.buffers[index].copy_(self.host_flats[index])
             return
         self.copy_stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.copy_stream):
-            for index in range(self.num_prefetched):
+            for index in stale:
                 self.buffers[index].copy_(self.host_flats[index], non_blocking=True)
             self.ready.record(self.copy_stream)
 
@@ -106,9 +123,10 @@ class LayerStreamer:
         if self.ready is not None:
             torch.cuda.current_stream().wait_event(self.ready)
 
-    def after_replay(self) -> None:
-        """After replaying a captured forward: prefetch for the next one."""
-        self.prefetch()
+    def after_replay(self, count: int) -> None:
+        """After replaying a captured forward of ``count`` offloaded layers: prefetch what it
+        overwrote, for the next one."""
+        self.prefetch(count)
 
     def _copy(self, index: int, buffer: int, after_freed: bool) -> None:
         if self.copy_stream is None:
@@ -155,7 +173,7 @@ class LayerStreamer:
         if self.copy_stream is not None and count:
             torch.cuda.current_stream().wait_stream(self.copy_stream)  # join
         if count and eager:
-            self.prefetch()
+            self.prefetch(count)
 
 
 class OffloadedLlamaForCausalLM(LlamaForCausalLM):
@@ -176,14 +194,17 @@ class OffloadedLlamaForCausalLM(LlamaForCausalLM):
     def num_resident(self) -> int:
         return len(self.layers)
 
+    def streamed_layers(self, num_layers: int) -> int:
+        return max(0, num_layers - self.num_resident)
+
     def before_graph_replay(self) -> None:
         self.streamer.before_replay()
 
-    def after_graph_replay(self) -> None:
-        self.streamer.after_replay()
+    def after_graph_replay(self, num_layers: int) -> None:
+        self.streamer.after_replay(self.streamed_layers(num_layers))
 
     def layer_sequence(self, num_layers: int) -> Iterator[Callable[..., torch.Tensor]]:
-        streamed = self.streamer.layers(max(0, num_layers - self.num_resident))  # copies start here
+        streamed = self.streamer.layers(self.streamed_layers(num_layers))  # copies start here
         yield from self.layers[: min(num_layers, self.num_resident)]
         yield from streamed
 

@@ -139,7 +139,7 @@ def test_offloaded_cost_curve_is_cached_apart_from_the_resident_one(smollm, offl
         LLMEngine(EngineConfig(cache=CacheConfig(num_blocks=64), speculative=spec), loaded=loaded)
     files = sorted(p.name for p in (tmp_path / "calibration").iterdir())
     resident = offloaded.residency.num_resident
-    assert len(files) == 2 and sum(f"-eager-resident{resident}of30-" in name for name in files) == 1, files
+    assert len(files) == 2 and sum(f"-eager-resident{resident}of30-buffers2-" in name for name in files) == 1, files
 
 
 @pytest.mark.gpu
@@ -156,3 +156,35 @@ def test_gpu_bf16_prefetching_offloaded_model_decodes_as_the_resident_one():
         outs = [LLMEngine(EngineConfig(cache=CacheConfig(num_blocks=64), speculative=SpeculativeConfig.parse(spec)),
                           loaded=loaded).generate(prompts, params) for loaded in (resident, streamed)]
         assert [o.token_ids for o in outs[0]] == [o.token_ids for o in outs[1]], spec
+
+
+def test_only_streaming_runners_get_replay_hooks_and_partial_forwards_refill_only_what_they_overwrote(smollm):
+    """An early-exit drafter over resident layers neither waits for nor redoes the prefetch (no
+    replay hooks; no chain graphs over streamed layers either); a forward of few streamed layers
+    re-copies only the prefetched buffers it overwrote."""
+    from specserve.cache.kv_cache import KVCache
+    from specserve.cache.kv_cache_manager import KVCacheManager
+    from specserve.engine.chain_graphs import ChainGraphRunner
+    from specserve.engine.cuda_graphs import GraphBuckets
+    from specserve.engine.model_runner import ModelRunner
+
+    streamed = load_model(ModelConfig(device="cpu", dtype="float32", offload=True, gpu_memory_budget_gb=0.25,
+                                      offload_buffers=4, attention_backend="reference"))  # padded steps: no host plan
+    model, resident = streamed.model, streamed.residency.num_resident
+    buckets = GraphBuckets((1, 2), (1, 2, 4), 8)
+
+    def runner(num_layers):
+        manager = KVCacheManager(8, 16, enable_prefix_caching=False)
+        cache = KVCache(num_layers, 9, 16, model.cfg.num_kv_heads, model.cfg.head_dim, torch.float32, torch.device("cpu"))
+        return ModelRunner(model, cache, manager, num_layers, buckets)
+
+    assert runner(resident).graphs.replay_hooks is None
+    assert runner(resident + 2).graphs.replay_hooks is not None and runner(30).graphs.replay_hooks is not None
+    with pytest.raises(ValueError, match="resident layers only"):
+        ChainGraphRunner(runner(resident + 2).graphs, 3, 2)
+    streamer = model.streamer  # 4 buffers: layers 0..2 prefetched
+    # layer b + 4 runs from buffer b: 4 layers leave every prefetched buffer alone, 5 overwrite buffer 0
+    assert streamer.stale(2) == [] and streamer.stale(4) == [] and streamer.stale(5) == [0]
+    assert streamer.stale(6) == [0, 1] and streamer.stale(30 - resident) == [0, 1, 2] and streamer.stale(None) == [0, 1, 2]
+    prompt_logits(model, PROMPT)  # a full pass: every prefetched buffer refilled with its layer
+    assert all(torch.equal(streamer.buffers[i], streamer.host_flats[i]) for i in range(3))
