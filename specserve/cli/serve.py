@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import sys
+import threading
 
 from specserve.cli.args import add_engine_args, engine_config_from_args
 from specserve.config import ServerConfig
@@ -40,9 +43,19 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    from specserve.server.async_engine import ENGINE_THREAD
     from specserve.server.runner import run_server
 
     server_config = server_config_from_args(args)
     engine_config = engine_config_from_args(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return asyncio.run(run_server(server_config, engine_config))
+    status = asyncio.run(run_server(server_config, engine_config))
+    if any(t.name == ENGINE_THREAD and t.is_alive() for t in threading.enumerate()):
+        # stopped while the model was still loading: the engine thread is inside native code, and
+        # finalising the interpreter under it aborts the process (C++ terminate, status 134).
+        # Nothing was admitted, so nothing is lost: leave without finalising.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status

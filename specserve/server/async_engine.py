@@ -40,6 +40,8 @@ from specserve.errors import RequestError
 from specserve.server.metrics import ServerMetrics
 from specserve.server.protocol import GenerationRequest, TokenizeRequest
 
+ENGINE_THREAD = "specserve-engine"  # the thread that loads the model, then runs the engine
+
 
 class EngineState(enum.Enum):
     LOADING = "loading"
@@ -142,7 +144,7 @@ class AsyncEngine:
         """Start the engine thread; it loads the model, then serves. ``loaded`` resolves then."""
         self._loop = asyncio.get_running_loop()
         self.loaded = self._loop.create_future()
-        self._thread = threading.Thread(target=self._run, name="specserve-engine", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=ENGINE_THREAD, daemon=True)
         self._thread.start()
 
     def begin_drain(self) -> None:

@@ -99,6 +99,17 @@ async def test_sigterm_lets_running_requests_finish(start_server):
     assert server.proc.wait(timeout=30) == 0
 
 
+async def test_sigterm_while_loading_exits_cleanly(start_server):
+    """Stopped while the engine thread still loads the model: status 0, no abort (finalising the
+    interpreter under a thread inside native code used to end in a C++ terminate, status 134)."""
+    server = start_server(wait=False)
+    status, _, body = await health_while_loading(server)
+    assert (status, body["error"]["code"]) == (503, "loading")
+    server.terminate()
+    assert server.proc.wait(timeout=60) == 0
+    assert "got SIGTERM: draining" in server.log() and "terminate called" not in server.log()
+
+
 async def test_sigterm_aborts_what_outlives_the_shutdown_timeout(start_server):
     server = start_server("--shutdown-timeout", "0.5")
     body = {"prompt": "Tell me about the ocean.", "max_tokens": 2000, "ignore_eos": True, "stream": True}
