@@ -309,14 +309,16 @@ class LLMEngine:
                 tree = trees[i - len(prefill_seqs)]
                 prefix_len = seq.num_computed
                 seq.spec.record(tree.num_nodes - 1, len(result.accepted_nodes) - 1)
-                if seq.switch_off is not None:
-                    drafted = tree.num_nodes > 1
+                if seq.switch_off is not None and tree.num_nodes == 1:
+                    seq.switch_off.record(None, self.step_cost)  # a plain step: no prior to read
+                elif seq.switch_off is not None:
                     step = DraftStep(tree.num_nodes - 1, len(result.accepted_nodes) - 1,
-                                     num_batch_tokens - tree.num_nodes, draft_share) if drafted else None
-                    prior = self.acceptance_priors.setdefault(seq.speculation.drafters, AcceptancePrior())
+                                     num_batch_tokens - tree.num_nodes, draft_share)
+                    prior = self.acceptance_priors.get(seq.speculation.drafters)
+                    if prior is None:
+                        prior = self.acceptance_priors[seq.speculation.drafters] = AcceptancePrior()
                     seq.switch_off.record(step, self.step_cost, prior.mean)
-                    if step is not None:
-                        prior.add(step)
+                    prior.add(step)
             new_tokens = accept(seq, tree, result, self.loaded.eos_token_ids)
             new_tokens, text_ends = _detokenize(seq, new_tokens)
             seq.token_ids.extend(new_tokens)

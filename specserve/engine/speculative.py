@@ -31,18 +31,19 @@ def propose(drafter: Drafter | None, seqs: list[Sequence], num_slots: list[int])
     roots = [TokenTree((seq.token_ids[-1],), (-1,)) for seq in seqs]
     if drafter is None:
         return roots
-    requests = [
-        DraftRequest(
-            seq.request_id, seq.token_ids, slots - 1,
-            max(0, min(seq.speculation.max_depth, seq.remaining_tokens - 1)), seq.speculation.drafters,
-            own_context_only=seq.params.reproducible,
-        )
-        for seq, slots in zip(seqs, num_slots)
-    ]
-    wanted = [i for i, r in enumerate(requests) if r.max_tree_tokens > 0 and r.max_depth > 0]
+    # only sequences with room for a draft (slots past the root, a depth of at least 1) ask: a
+    # step the batch gate keeps plain builds no requests at all
+    depths = [min(seq.speculation.max_depth, seq.remaining_tokens - 1) if slots > 1 else 0
+              for seq, slots in zip(seqs, num_slots)]
+    wanted = [i for i, depth in enumerate(depths) if depth > 0]
     if not wanted:
         return roots
-    trees = drafter.propose([requests[i] for i in wanted])
+    requests = [
+        DraftRequest(seqs[i].request_id, seqs[i].token_ids, num_slots[i] - 1, depths[i], seqs[i].speculation.drafters,
+                     own_context_only=seqs[i].params.reproducible)
+        for i in wanted
+    ]
+    trees = drafter.propose(requests)
     for i, tree in zip(wanted, trees):
         roots[i] = tree
     return roots
