@@ -129,8 +129,7 @@ def decode_run(loaded: LoadedModel, spec: SpeculativeConfig, prompts: list[list[
             step_outs = engine.step()
             outs += [o for o in step_outs if o.finished]
             stats = engine.last_step
-            # a decode step's rows are its roots and drafts; a prefill step has more
-            if step_outs and stats is not None and stats.num_tokens == stats.num_seqs + stats.num_draft_tokens:
+            if step_outs and stats is not None and stats.is_decode:
                 draft_s += stats.draft_s
                 num_decode_steps += 1
     sync()

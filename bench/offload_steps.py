@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     while engine.has_unfinished():
         engine.step()
         stats = engine.last_step
-        if stats is not None and stats.num_tokens == stats.num_seqs + stats.num_draft_tokens:  # a decode step
+        if stats is not None and stats.is_decode:
             rows.append((stats.num_tokens, stats.draft_s, stats.verify_s, stats.total_s))
     elapsed = time.perf_counter() - start
     print(f"{args.num_buffers} buffers, prompt 1, {args.max_tokens} tokens in {1e3 * elapsed:.1f} ms")

@@ -51,3 +51,8 @@ class StepStats:
     verify_s: float  # target forward + verification (ends with the host read of accepted tokens)
     total_s: float
     gate_open: bool = True  # False: the batch gate kept this decode step plain (``batch_gate``)
+
+    @property
+    def is_decode(self) -> bool:
+        """Only decode trees ran: a row per root and per draft (a prefill chunk brings more)."""
+        return self.num_tokens == self.num_seqs + self.num_draft_tokens

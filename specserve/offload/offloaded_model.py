@@ -37,8 +37,9 @@ Invariant: whenever no forward is running, buffers 0 .. P-1 hold (or are being c
 and prefetches at its end itself. A captured forward does neither: ``ready`` is recorded
 outside the capture, so waiting on it inside would fail, and a prefetch inside the graph would
 hold the graph (and the host's read of its logits) until the copies end. Whoever replays it
-calls ``before_replay`` and ``after_replay`` around it (``cuda_graphs.GraphRunner`` does, for
-runners whose forward streams: ``ModelRunner``). The join and the prefetch run when the
+calls ``wait_for_prefetch`` before and ``prefetch`` after it (``before_graph_replay`` and
+``after_graph_replay``, which ``cuda_graphs.GraphRunner`` calls for runners whose forward
+streams: ``ModelRunner``). The join and the prefetch run when the
 layer iterator is exhausted: callers iterate it to the end (``LlamaForCausalLM.run_layers``).
 
 Keeping the *last* layers offloaded leaves the first ones resident, where an early-exit drafter
@@ -118,15 +119,11 @@ class LayerStreamer:
                 self.buffers[index].copy_(self.host_flats[index], non_blocking=True)
             self.ready.record(self.copy_stream)
 
-    def before_replay(self) -> None:
-        """Before replaying a captured forward: the current stream waits for the prefetch."""
+    def wait_for_prefetch(self) -> None:
+        """The current stream waits for the prefetch (before a forward's first streamed layer, or
+        before replaying a captured forward)."""
         if self.ready is not None:
             torch.cuda.current_stream().wait_event(self.ready)
-
-    def after_replay(self, count: int) -> None:
-        """After replaying a captured forward of ``count`` offloaded layers: prefetch what it
-        overwrote, for the next one."""
-        self.prefetch(count)
 
     def _copy(self, index: int, buffer: int, after_freed: bool) -> None:
         if self.copy_stream is None:
@@ -157,12 +154,12 @@ class LayerStreamer:
 
     def _stream(self, count: int, eager: bool) -> Iterator[Callable[..., torch.Tensor]]:
         """An eager forward waits for the prefetch before its first streamed layer and prefetches
-        after its last; a captured one leaves both to ``before_replay`` / ``after_replay``."""
+        after its last; a captured one leaves both to whoever replays it."""
         ahead = self.num_buffers
         for index in range(count):
             buffer = index % ahead
             if index == 0 and eager:
-                self.before_replay()
+                self.wait_for_prefetch()
             if self.copied is not None and index >= self.num_prefetched:  # prefetched: waited for ``ready``
                 torch.cuda.current_stream().wait_event(self.copied[buffer])
             yield self._layer_in(buffer)
@@ -198,10 +195,10 @@ class OffloadedLlamaForCausalLM(LlamaForCausalLM):
         return max(0, num_layers - self.num_resident)
 
     def before_graph_replay(self) -> None:
-        self.streamer.before_replay()
+        self.streamer.wait_for_prefetch()
 
     def after_graph_replay(self, num_layers: int) -> None:
-        self.streamer.after_replay(self.streamed_layers(num_layers))
+        self.streamer.prefetch(self.streamed_layers(num_layers))
 
     def layer_sequence(self, num_layers: int) -> Iterator[Callable[..., torch.Tensor]]:
         streamed = self.streamer.layers(self.streamed_layers(num_layers))  # copies start here
