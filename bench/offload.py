@@ -9,7 +9,8 @@ Per model (real SmolLM2 fully offloaded; a Llama-3-8B shape with RANDOM bf16 wei
 - the time of one forward of T tree tokens (T = 1, 64, 256) over a 512-token context, and the
   copy floor: streamed bytes / measured bandwidth; for SmolLM2 once per --num-buffers value
   (working buffers the streamed layers rotate through; B buffers prefetch B - 1 layers across
-  passes), the 8B shape then using the value whose largest graphed (else eager) pass was fastest;
+  passes), the 8B shape then using the value whose largest graphed (else eager) pass was fastest
+  (or --num-buffers-8b);
 - greedy decoding of a prompt set's prompts (--prompt-set, chat by default) with speculation off
   and with --spec (real model only), side by side for each --num-buffers value,
   tokens/s and mean accepted length; for the random-weight model the tokens/s with speculation
@@ -168,7 +169,11 @@ def main() -> None:
     parser.add_argument("--budget-gb", type=float, default=8.0, help="GPU weight budget for the 8B shape")
     parser.add_argument("--modes", default="eager,graphs", help="on CUDA: eager, graphs or both (the CPU runs eager)")
     parser.add_argument("--num-buffers", default="2", help="comma-separated working-buffer counts to time (each >= 2)")
+    parser.add_argument("--num-buffers-8b", type=int, default=None, metavar="N",
+                        help="working buffers for the 8B shape (default: the SmolLM2 count with the fastest pass; "
+                             "the buffers count against --budget-gb, so fewer leave more layers resident)")
     parser.add_argument("--skip-8b", action="store_true")
+    parser.add_argument("--no-plots", action="store_true", help="no PNGs next to the JSON (bench.plots draws them later)")
     parser.add_argument("--quick", action="store_true", help="CPU smoke run: few tokens, no 8B shape")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -185,6 +190,8 @@ def main() -> None:
         parser.error(f"--num-buffers: expected comma-separated integers, not {args.num_buffers!r}")
     if not set(args.modes.split(",")) <= {"eager", "graphs"} or not args.modes.strip(","):
         parser.error(f"--modes: eager, graphs or eager,graphs, not {args.modes!r}")
+    if args.num_buffers_8b is not None and args.num_buffers_8b < 2:
+        parser.error(f"--num-buffers-8b: at least 2, not {args.num_buffers_8b}")
     if not buffer_counts or min(buffer_counts) < 2:
         parser.error(f"--num-buffers: every count must be at least 2, not {args.num_buffers!r}")
     sizes, repeats = ((1, 8) if args.quick else (1, 64, 256)), (1 if args.quick else 5)
@@ -232,11 +239,12 @@ def main() -> None:
                                   decode=decode_by_buffers[fastest], decode_num_buffers=fastest)
 
     if not args.skip_8b:
-        plan = plan_residency(LLAMA3_8B, torch.bfloat16, args.budget_gb, best_buffers)
+        buffers_8b = args.num_buffers_8b or best_buffers
+        plan = plan_residency(LLAMA3_8B, torch.bfloat16, args.budget_gb, buffers_8b)
         weights_device = random_weights_device(plan.host_bytes + plan.device_bytes, device)
         log(f"8B shape: drawing random weights on {weights_device}, {plan.num_resident} resident layers")
         model = offload_model(random_model(LLAMA3_8B, weights_device, torch.bfloat16), device, plan.num_resident,
-                              best_buffers)
+                              buffers_8b)
         if device.type == "cuda":
             torch.cuda.empty_cache()
         log("8B shape: offloaded")
@@ -247,7 +255,7 @@ def main() -> None:
         log(f"8B shape passes: {passes}")
         best = {n: min(p["pass_s"][n] for p in passes.values()) for n in sizes}
         result["models"]["llama3-8b shape (RANDOM bf16 weights)"] = {
-            "budget_gb": args.budget_gb, "num_buffers": best_buffers, "resident_layers": plan.num_resident, "streamed_bytes": plan.host_bytes,
+            "budget_gb": args.budget_gb, "num_buffers": buffers_8b, "resident_layers": plan.num_resident, "streamed_bytes": plan.host_bytes,
             "copy_floor_s": floor, "passes": passes,
             "tokens_per_s_off": 1 / best[1],
             "tokens_per_s_spec_estimated": accepted / (best[max(sizes)] + draft_s),
@@ -268,7 +276,16 @@ def main() -> None:
                 print(f"{model_name} [{mode}, {count} buffers]: off {d['speculation_off']['ms_per_token']:.2f} ms/token, "
                       f"spec {d['speculation_on']['ms_per_token']:.2f} ms/token "
                       f"(accepted length {d['speculation_on']['mean_accepted_length']:.2f}): {d['speedup']:.2f}x")
+        if "tokens_per_s_off" in m:
+            print(f"{model_name} [{m['num_buffers']} buffers, {m['resident_layers']} resident layers]: off "
+                  f"{m['tokens_per_s_off']:.2f} tokens/s (measured pass), spec {m['tokens_per_s_spec_estimated']:.2f} "
+                  f"tokens/s (ESTIMATED: {m['acceptance_source']})")
     print(f"-> {path}")
+    if not args.no_plots:
+        from bench.plots import plot_result
+
+        for png in plot_result(result, path.with_suffix("")):
+            print(f"-> {png}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,9 @@ latency: ``<stem>_token_latency.png`` (per-token latency by method, one panel pe
 boxes p25-p75, whiskers p10-p90, a dot at the mean) and ``<stem>_accepted_length.png``
 (fraction of verification steps by accepted length, speculative methods only).
 serve: ``<stem>_latency_vs_rate.png`` (TTFT, TPOT, ITL, E2E: mean, p50, p90 against request rate).
+offload: ``<stem>_passes.png`` (pass time over the copy floor against tree tokens, per model, mode
+and working-buffer count, with the 1.15x target) and ``<stem>_decode.png`` (ms per token with
+speculation off and on per model; the random-weight shape's "on" is an estimate, hatched).
 """
 
 from __future__ import annotations
@@ -134,6 +137,56 @@ def plot_serve(result: dict[str, Any], stem: Path, plt) -> list[Path]:
     return [path]
 
 
+def plot_offload(result: dict[str, Any], stem: Path, plt) -> list[Path]:
+    floor_known = math.isfinite(result["host_to_device_gbps"])  # no bandwidth (CPU run): plain pass times
+    key = "pass_over_floor" if floor_known else "pass_s"
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for model_name, m in result["models"].items():
+        by_buffers = m.get("passes_by_num_buffers") or {m["num_buffers"]: m["passes"]}
+        for count, passes in by_buffers.items():
+            for mode, p in passes.items():
+                sizes = sorted(p[key], key=int)  # JSON keys are strings
+                ax.plot([int(n) for n in sizes], [p[key][n] * (1 if floor_known else 1000) for n in sizes], "o-",
+                        label=f"{model_name} [{mode}, {count} buffers]")
+    if floor_known:
+        ax.axhline(1.15, color="grey", linestyle="--", label="target 1.15x")
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_ylim(bottom=0.9)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tree tokens in the pass")
+    ax.set_ylabel("pass time / copy floor" if floor_known else "pass time (ms)")
+    ax.legend(fontsize=7)
+    ax.set_title(f"offloaded pass vs copy floor ({result['host_to_device_gbps']:.1f} GB/s measured; "
+                 f"{result['environment']['device']})", fontsize=9)
+    fig.tight_layout()
+    paths = [Path(f"{stem}_passes.png")]
+    fig.savefig(paths[0], dpi=120)
+    plt.close(fig)
+
+    bars = []  # (label, off ms/token, on ms/token, on is an estimate)
+    for model_name, m in result["models"].items():
+        for count, decode in m.get("decode_by_num_buffers", {}).items():
+            for mode, d in decode.items():
+                bars.append((f"{model_name}\n[{mode}, {count} buffers]", d["speculation_off"]["ms_per_token"],
+                             d["speculation_on"]["ms_per_token"], False))
+        if "tokens_per_s_off" in m:
+            bars.append((f"{model_name}\n(speculation on: estimated)", 1000 / m["tokens_per_s_off"],
+                         1000 / m["tokens_per_s_spec_estimated"], True))
+    if not bars:
+        return paths
+    fig, axes = plt.subplots(1, len(bars), figsize=(3.2 * len(bars), 4.5), squeeze=False)
+    for ax, (label, off, on, estimated) in zip(axes[0], bars):
+        ax.bar([0, 1], [off, on], color=["tab:grey", "tab:blue"], hatch=[None, "//" if estimated else None])
+        ax.set_xticks([0, 1], ["speculation off", "on"])
+        ax.set_title(f"{label}\n{off / on:.2f}x", fontsize=7)
+        ax.set_ylabel("ms per token")
+    fig.tight_layout()
+    paths.append(Path(f"{stem}_decode.png"))
+    fig.savefig(paths[1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
 def plot_result(result: dict[str, Any], stem: str | Path) -> list[Path]:
     """Draw the plots of one result next to ``stem`` (a path without suffix); [] without matplotlib."""
     plt = _pyplot()
@@ -145,6 +198,8 @@ def plot_result(result: dict[str, Any], stem: str | Path) -> list[Path]:
         return plot_latency(result, stem, plt)
     if result["benchmark"] == "serve":
         return plot_serve(result, stem, plt)
+    if result["benchmark"] == "offload":
+        return plot_offload(result, stem, plt)
     raise ValueError(f"no plots for benchmark {result['benchmark']!r}")
 
 
@@ -153,7 +208,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(prog="python -m bench.plots", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("result", nargs="+", help="JSON written by bench.latency or bench.serve")
+    parser.add_argument("result", nargs="+", help="JSON written by bench.latency, bench.serve or bench.offload")
     args = parser.parse_args()
     for name in args.result:
         path = Path(name)
