@@ -74,7 +74,7 @@ class ServerMetrics:
         self.engine_errors = Counter("specserve_engine_errors", "Engine steps that raised.", registry=r)
         self.weights_device_bytes = Gauge(
             "specserve_weights_device_bytes", "Model weight bytes on the device (with offload: "
-            "resident layers, embeddings and the two streaming buffers).", registry=r)
+            "resident layers, embeddings and the streaming buffers).", registry=r)
         self.weights_host_bytes = Gauge(
             "specserve_weights_host_bytes", "Offloaded weight bytes in host memory, streamed once per forward.",
             registry=r)

@@ -47,7 +47,7 @@ def group(kind: str, dtype: torch.dtype, names=("fused", "per_level")) -> dict:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("kind", ["token", "feature"])
-@pytest.mark.parametrize("seqs", ["a", "abcd"])
+@pytest.mark.parametrize("seqs", ["a", "abc"])  # PROMPTS has a, b and c
 def test_one_graph_for_every_level_equals_a_graph_per_level(kind, dtype, seqs):
     drafters_ = group(kind, dtype)
     chain = drafters_["fused"].chain_graphs
