@@ -6,7 +6,7 @@
 Per model (real SmolLM2 fully offloaded; a Llama-3-8B shape with RANDOM bf16 weights under an
 8 GB budget, labelled as such) it measures in one run:
 - host-to-device bandwidth (pinned, best of several 1 GB copies);
-- the time of one forward of T tree tokens (T = 1, 64, 256) over a 512-token context, and the
+- the time of one forward of T tree tokens (T = 1, 64, 256; median of 15) over a 512-token context, and the
   copy floor: streamed bytes / measured bandwidth; for SmolLM2 once per --num-buffers value
   (working buffers the streamed layers rotate through; B buffers prefetch B - 1 layers across
   passes), the 8B shape then using the value whose largest graphed (else eager) pass was fastest
@@ -194,7 +194,7 @@ def main() -> None:
         parser.error(f"--num-buffers-8b: at least 2, not {args.num_buffers_8b}")
     if not buffer_counts or min(buffer_counts) < 2:
         parser.error(f"--num-buffers: every count must be at least 2, not {args.num_buffers!r}")
-    sizes, repeats = ((1, 8) if args.quick else (1, 64, 256)), (1 if args.quick else 5)
+    sizes, repeats = ((1, 8) if args.quick else (1, 64, 256)), (1 if args.quick else 15)
     bandwidth = host_to_device_gbps(device)
     log(f"host to device {bandwidth:.1f} GB/s")
     result = {"benchmark": "offload", "config": vars(args), "environment": environment(),

@@ -34,7 +34,7 @@ class ModelConfig:
     attention_backend: str = "auto"  # auto: the Triton kernel on CUDA, batched dense on the CPU
     offload: bool = False  # keep layers in host memory, stream them to the device per forward
     gpu_memory_budget_gb: float | None = None  # offload: weights kept on the device (None: none)
-    offload_buffers: int = 2  # offload: device working buffers the streamed layers rotate through
+    offload_buffers: int | None = None  # offload: device working buffers (None: the planner's choice)
     # True: every forward runs eagerly. False (the default): decode/verify steps that fit a bucket
     # replay CUDA graphs (CUDA with Triton attention; see specserve/engine/cuda_graphs.py); off
     # CUDA every forward is eager whatever this says.
@@ -43,9 +43,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.gpu_memory_budget_gb is not None and (not self.offload or self.gpu_memory_budget_gb <= 0):
             raise SpecserveError("--gpu-memory-budget needs --offload and a positive number of GB")
-        if self.offload_buffers < 2:
+        if self.offload_buffers is not None and self.offload_buffers < 2:
             raise SpecserveError(f"--offload-buffers must be at least 2, not {self.offload_buffers}")
-        if self.offload_buffers != 2 and not self.offload:
+        if self.offload_buffers is not None and not self.offload:
             raise SpecserveError("--offload-buffers needs --offload")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise SpecserveError(

@@ -203,7 +203,7 @@ def load_model(config: ModelConfig) -> LoadedModel:
     model = empty_model(cfg, build_device, dtype, select_backend_name(config.attention_backend, device))
     fill_weights(model, tensors, count, desc=f"loading {source.name}")
     if residency is not None:
-        model = offload_model(model, device, residency.num_resident, config.offload_buffers)
+        model = offload_model(model, device, residency.num_resident, residency.num_buffers)
     tokenizer = load_tokenizer(source, None if cache_dir is None else cache_dir / "tokenizer")
     max_model_len = cfg.max_position_embeddings
     if config.max_model_len is not None:

@@ -1,11 +1,20 @@
-"""How many layers fit on the device under a memory budget for weights.
+"""How many layers fit on the device under a memory budget for weights, and how many working
+buffers the streamed layers rotate through.
 
     budget >= outside_layers + (num_resident + B) * layer_bytes
     outside_layers = embeddings (+ untied LM head) + final norm;  + B: the streaming buffers (B >= 2)
+
+B buffers let a pass's first B - 1 streamed layers be copied while the host works between
+passes (``offload.offloaded_model``). Left to the planner: under a budget B = 2, since a buffer
+more would displace a resident layer, whose copy every pass saves outright, while a prefetched
+layer only hides host time; with every layer streamed, B - 1 layers cover ``PREFETCH_BYTES``
+(about a millisecond of copying; at least one layer, and fewer than all). SmolLM2-135M in bf16 (7.1 MB
+layers) gets 9, the count measured best on the H200 (bench/README.md, "Offloading at 4x").
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +30,12 @@ class ResidencyPlan:
     layer_bytes: int
     device_bytes: int  # weights and streaming buffers kept on the device
     host_bytes: int  # offloaded layers in host memory (= bytes streamed per forward)
+    num_buffers: int  # device working buffers the streamed layers rotate through
+
+
+# bytes of streamed layers worth copying ahead of a pass: the host's work between two passes
+# (about 1 ms with speculation, bench/results/offload_steps_h200.log) at the ~55 GB/s measured
+PREFETCH_BYTES = 56 * 10**6
 
 
 def layer_numel(arch: LlamaArchConfig) -> int:
@@ -33,9 +48,18 @@ def layer_numel(arch: LlamaArchConfig) -> int:
 
 
 def plan_residency(arch: LlamaArchConfig, dtype: torch.dtype, budget_gb: float | None,
-                   num_buffers: int = 2) -> ResidencyPlan:
+                   num_buffers: int | None = None) -> ResidencyPlan:
     """``budget_gb`` None: nothing resident (every layer streamed). ``num_buffers`` working
-    buffers are counted against the budget."""
+    buffers are counted against the budget; None: chosen as the module docstring says."""
+    if num_buffers is None:
+        num_buffers = 2
+        if budget_gb is None:
+            layer_bytes = layer_numel(arch) * torch.empty((), dtype=dtype).element_size()
+            num_buffers = max(2, 1 + min(arch.num_layers - 1, math.ceil(PREFETCH_BYTES / layer_bytes)))
+    return _plan(arch, dtype, budget_gb, num_buffers)
+
+
+def _plan(arch: LlamaArchConfig, dtype: torch.dtype, budget_gb: float | None, num_buffers: int) -> ResidencyPlan:
     element = torch.empty((), dtype=dtype).element_size()
     layer_bytes = layer_numel(arch) * element
     heads = 1 if arch.tie_word_embeddings else 2
@@ -58,4 +82,5 @@ def plan_residency(arch: LlamaArchConfig, dtype: torch.dtype, budget_gb: float |
         layer_bytes=layer_bytes,
         device_bytes=fixed + num_resident * layer_bytes,
         host_bytes=offloaded * layer_bytes,
+        num_buffers=num_buffers,
     )

@@ -17,7 +17,7 @@ from specserve.errors import SpecserveError
 from specserve.models.config import LlamaArchConfig
 from specserve.models.loader import load_model
 from specserve.offload.offloaded_model import OffloadedLlamaForCausalLM
-from specserve.offload.planner import layer_numel, plan_residency
+from specserve.offload.planner import PREFETCH_BYTES, layer_numel, plan_residency
 
 PROMPT = [1, 504, 3575, 282, 4649, 314, 7042, 30, 2, 198, 1, 4093]
 
@@ -96,6 +96,25 @@ def test_planner_arithmetic_and_errors():
         plan_residency(arch, torch.float32, 1e-9)
     # a third working buffer is counted against the budget: one layer fewer resident
     assert plan_residency(arch, torch.float32, (fixed + 3 * layer_bytes + 1) / 1e9, 3).num_resident == 2
+    assert plan.num_buffers == 2  # left to the planner under a budget: resident layers first
+
+
+def test_planner_buffer_count_prefetches_about_56_mb_when_every_layer_streams():
+    """Fully offloaded, the planner's buffers prefetch ceil(PREFETCH_BYTES / layer) layers (fewer
+    than all); under a budget it takes 2, and an explicit count is kept."""
+    smollm2 = LlamaArchConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+                              num_kv_heads=3, head_dim=64, max_position_embeddings=8192, tie_word_embeddings=True)
+    assert layer_numel(smollm2) * 2 == 7_080_192  # bf16 bytes of a layer: 56 MB is 7.9 layers
+    assert PREFETCH_BYTES == 56 * 10**6
+    assert plan_residency(smollm2, torch.bfloat16, None).num_buffers == 9  # as measured best on the H200
+    assert plan_residency(smollm2, torch.float32, None).num_buffers == 5  # 14.2 MB layers: 4 prefetched
+    assert plan_residency(smollm2, torch.bfloat16, 1.0).num_buffers == 2
+    assert plan_residency(smollm2, torch.bfloat16, None, 3).num_buffers == 3
+    tiny = LlamaArchConfig(vocab_size=100, hidden_size=8, intermediate_size=16, num_layers=4, num_heads=2,
+                           num_kv_heads=1, head_dim=4, max_position_embeddings=64)
+    assert plan_residency(tiny, torch.float32, None).num_buffers == 4  # 3 of 4 layers prefetched, not all
+    one = LlamaArchConfig(**{**tiny.__dict__, "num_layers": 1})
+    assert plan_residency(one, torch.float32, None).num_buffers == 2
     with pytest.raises(SpecserveError, match="needs --offload"):
         ModelConfig(gpu_memory_budget_gb=4.0)
     with pytest.raises(SpecserveError, match="--offload-buffers needs --offload"):
