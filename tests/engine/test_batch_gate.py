@@ -3,7 +3,14 @@
 import pytest
 
 from specserve.config import SamplingParams, SpeculativeConfig
-from specserve.engine.batch_gate import MIN_BATCH, MIN_SAMPLES, REFRESH, BatchGate, batch_bucket
+from specserve.engine.batch_gate import (
+    MAX_BACKOFF,
+    MIN_BATCH,
+    MIN_SAMPLES,
+    REFRESH,
+    BatchGate,
+    batch_bucket,
+)
 
 
 def test_batch_buckets_are_powers_of_two():
@@ -30,12 +37,15 @@ def test_the_gate_alternates_until_both_rates_are_known_then_drafting_keeps_winn
     assert gate.num_closed_steps == 6
 
 
-def test_a_losing_bucket_closes_and_probes_drafting_every_interval():
+def test_a_losing_bucket_closes_and_probes_drafting_ever_further_apart():
     gate = BatchGate(interval=4)
     decisions = run(gate, 16, 40, drafting_s=2.0, plain_s=1.0)
     # the first 8 steps alternate; both rates are known from step 9 on and drafting loses:
-    # plain, but drafting probes at 12, 16, ...
-    assert [i + 1 for i, d in enumerate(decisions) if d] == [1, 3, 5, 7, 12, 16, 20, 24, 28, 32, 36, 40]
+    # plain, with drafting probes 4, 8, 16 steps after the last drafting step ...
+    assert [i + 1 for i, d in enumerate(decisions) if d] == [1, 3, 5, 7, 11, 19, 35]
+    # ... and then MAX_BACKOFF * interval = 32 apart
+    assert MAX_BACKOFF == 8
+    assert [i + 41 for i, d in enumerate(run(gate, 16, 160, drafting_s=2.0, plain_s=1.0)) if d] == [67, 99, 131, 163, 195]
     assert gate.drafting_pays(16) is False
     assert gate.drafting_pays(9) is False  # the same bucket
     assert gate.drafting_pays(8) is None  # nothing measured at batch 8
@@ -45,8 +55,11 @@ def test_buckets_are_independent_and_the_gate_reopens_when_drafting_wins_again()
     gate = BatchGate(interval=4)
     run(gate, 16, 40, drafting_s=2.0, plain_s=1.0)
     assert run(gate, 8, 3, drafting_s=1.0, plain_s=2.0) == [True, False, True]  # batch 8 starts fresh: learning
-    # the workload changes at batch 16: every drafting probe now costs a tenth of a plain step
-    later = run(gate, 16, 40, drafting_s=0.1, plain_s=1.0)
+    # the workload changes at batch 16: every drafting probe now costs a tenth of a plain step.
+    # The first probe (32 steps after the last, at 67) pays, so the next ones come every 4
+    # steps; after 4 of them the drafting rate is below the plain one
+    later = run(gate, 16, 80, drafting_s=0.1, plain_s=1.0)
+    assert [i + 41 for i, d in enumerate(later) if d][:6] == [67, 71, 75, 79, 81, 82]
     assert gate.drafting_pays(16) is True
     assert sum(later[-16:]) == 15  # open again: one refresh probe in 16 steps
 
