@@ -33,7 +33,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="with --offload: GB of weights that stay on the GPU (default: none)")
     group.add_argument("--offload-buffers", type=int, default=ModelConfig.offload_buffers, metavar="N",
                        help="with --offload: GPU working buffers streamed layers rotate through (at least 2; "
-                            "default: enough to copy about 56 MB of layers ahead of each pass, within the budget)")
+                            "default: 2 with --gpu-memory-budget, else enough to copy about 56 MB of layers ahead of each pass)")
     group.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction,
                        default=ModelConfig.enforce_eager,
                        help="run every forward eagerly (default: decode and verify steps replay "

@@ -8,8 +8,9 @@ B buffers let a pass's first B - 1 streamed layers be copied while the host work
 passes (``offload.offloaded_model``). Left to the planner: under a budget B = 2, since a buffer
 more would displace a resident layer, whose copy every pass saves outright, while a prefetched
 layer only hides host time; with every layer streamed, B - 1 layers cover ``PREFETCH_BYTES``
-(about a millisecond of copying; at least one layer, and fewer than all). SmolLM2-135M in bf16 (7.1 MB
-layers) gets 9, the count measured best on the H200 (bench/README.md, "Offloading at 4x").
+(about a millisecond of copying; at least one layer, and fewer than all). SmolLM2-135M in bf16
+(7.1 MB layers) gets 9, the count measured best on the H200 (bench/README.md, "Offloading at
+4x").
 """
 
 from __future__ import annotations
@@ -51,17 +52,11 @@ def plan_residency(arch: LlamaArchConfig, dtype: torch.dtype, budget_gb: float |
                    num_buffers: int | None = None) -> ResidencyPlan:
     """``budget_gb`` None: nothing resident (every layer streamed). ``num_buffers`` working
     buffers are counted against the budget; None: chosen as the module docstring says."""
-    if num_buffers is None:
-        num_buffers = 2
-        if budget_gb is None:
-            layer_bytes = layer_numel(arch) * torch.empty((), dtype=dtype).element_size()
-            num_buffers = max(2, 1 + min(arch.num_layers - 1, math.ceil(PREFETCH_BYTES / layer_bytes)))
-    return _plan(arch, dtype, budget_gb, num_buffers)
-
-
-def _plan(arch: LlamaArchConfig, dtype: torch.dtype, budget_gb: float | None, num_buffers: int) -> ResidencyPlan:
     element = torch.empty((), dtype=dtype).element_size()
     layer_bytes = layer_numel(arch) * element
+    if num_buffers is None:
+        prefetched = min(arch.num_layers - 1, math.ceil(PREFETCH_BYTES / layer_bytes))
+        num_buffers = 2 if budget_gb is not None else max(2, 1 + prefetched)
     heads = 1 if arch.tie_word_embeddings else 2
     outside = (heads * arch.vocab_size * arch.hidden_size + arch.hidden_size) * element
     fixed = outside + num_buffers * layer_bytes
