@@ -12,6 +12,13 @@ freezes the heap first, as the server does (``specserve/engine/gc_heap.py``); th
 (every prompt indexed) and the worst step are reported apart:
 
     python -m bench.ngram_host --num-seqs 32 --load-model [--freeze-heap]
+
+Lookups against a full cross-request corpus (``--corpus SET``): the corpus is filled with the
+set's prompts as the engine formats them (chat template included), two to a document, up to
+``--corpus-tokens``; then every prompt of the set proposes once from its own end, the context of
+its first decode step, where the template's last tokens are the suffix to match:
+
+    python -m bench.ngram_host --corpus chat --corpus-tokens 60000
 """
 
 from __future__ import annotations
@@ -34,8 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alphabet", type=int, default=50)
     parser.add_argument("--load-model", action="store_true", help="keep the default model loaded (its heap)")
     parser.add_argument("--freeze-heap", action="store_true", help="freeze the heap before the steps (gc.freeze)")
+    parser.add_argument("--corpus", default=None, metavar="SET", help="also time lookups against a corpus of SET's prompts")
+    parser.add_argument("--corpus-tokens", type=int, default=60_000)
     args = parser.parse_args(argv)
-    for flag in ("num_seqs", "prompt_len", "steps", "alphabet"):
+    for flag in ("num_seqs", "prompt_len", "steps", "alphabet", "corpus_tokens"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     loaded = None
@@ -72,7 +81,44 @@ def main(argv: list[str] | None = None) -> int:
           f"worst {1e3 * max(later):.2f} ms (model loaded: {loaded is not None}, frozen: {args.freeze_heap}, {len(gc.get_objects())} objects tracked)")
     if args.freeze_heap:
         gc.unfreeze()
+    if args.corpus is not None:
+        try:
+            corpus_lookups(args.corpus, args.corpus_tokens)
+        except (ValueError, OSError) as exc:
+            parser.error(f"--corpus: {exc}")
     return 0
+
+
+def corpus_lookups(set_name: str, corpus_tokens: int, repeats: int = 20) -> None:
+    """Fill a corpus with ``set_name``'s formatted prompts, then time each prompt's lookup."""
+    from bench.prompt_sets import load_prompt_set, prompt_token_ids
+    from specserve.models.loader import read_weights
+    from specserve.models.source import resolve_model
+    from specserve.models.tokenizer import load_tokenizer
+
+    prompt_set = load_prompt_set(set_name)
+    source = resolve_model(None)
+    cache_dir = read_weights(source)[3]
+    tokenizer = load_tokenizer(source, None if cache_dir is None else cache_dir / "tokenizer")
+    prompts = [prompt_token_ids(tokenizer, p, prompt_set.chat_template) for p in prompt_set.prompts]
+    drafter = NgramDrafter(ngram_max=4, ngram_min=1, max_paths=4, corpus_tokens=corpus_tokens)
+    number = 0
+    while drafter.corpus.num_tokens < corpus_tokens - 2 * max(map(len, prompts)):
+        drafter.corpus.add(prompts[number % len(prompts)] + prompts[(7 * number + 3) % len(prompts)])
+        number += 1
+    times = []
+    for i, prompt in enumerate(prompts):
+        request = [DraftRequest(f"p{i}", prompt, max_tree_tokens=15, max_depth=6)]
+        drafter.propose(request)  # indexes the prompt
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            drafter.propose(request)
+            best = min(best, time.perf_counter() - start)
+        times.append(best)
+    print(f"corpus of {drafter.corpus.num_tokens} tokens ({number} documents of {set_name} prompts): a prompt's "
+          f"first lookup {1e6 * sum(times) / len(times):.1f} us mean, {1e6 * max(times):.1f} us worst "
+          f"(best of {repeats}, {len(prompts)} prompts)")
 
 
 if __name__ == "__main__":

@@ -20,3 +20,12 @@ def test_bad_sizes_are_refused():
     for argv in (["--num-seqs", "0"], ["--steps", "0"]):
         with pytest.raises(SystemExit):
             ngram_host.main(argv)
+
+
+def test_corpus_lookups_report_and_bad_sets_are_refused(capsys):
+    assert ngram_host.main(["--num-seqs", "1", "--steps", "1", "--corpus", "chat", "--corpus-tokens", "3000"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("corpus of ") and "documents of chat prompts): a prompt's first lookup" in line
+    assert line.endswith("(best of 20, 60 prompts)")
+    with pytest.raises(SystemExit):
+        ngram_host.main(["--num-seqs", "1", "--steps", "1", "--corpus", "no-such-set"])

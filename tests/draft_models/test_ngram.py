@@ -5,6 +5,7 @@ import pytest
 from draft_models.base import DraftRequest
 from draft_models.ngram import (
     KEY_BITS,
+    MAX_SCAN,
     NgramCorpus,
     NgramDrafter,
     NgramIndex,
@@ -80,6 +81,25 @@ def test_corpus_gives_the_newest_continuations_of_the_longest_suffix_it_holds():
     assert corpus.continuations([1, 2, 3], depth=3, max_paths=4, exclude=[]) == [[4, 5, 6]]
     assert corpus.continuations([0, 2, 3], depth=2, max_paths=4, exclude=[[7, 8]]) == [[4, 5]]
     assert corpus.continuations([7, 3], depth=2, max_paths=4, exclude=[]) == []  # single tokens never match
+
+
+def test_lookups_read_at_most_max_scan_occurrences_newest_first():
+    """A suffix that recurs more than MAX_SCAN times, always followed by the same tokens: its
+    lookups read the newest MAX_SCAN occurrences only, so a different continuation older than
+    those is not found (in the corpus and in a sequence's own context), but one among them is."""
+    assert MAX_SCAN == 64
+    old, repeated = [1, 2, 3, 40, 41], [1, 2, 3, 50, 51]
+    corpus = NgramCorpus(max_tokens=10_000)
+    corpus.add(old)
+    for _ in range(MAX_SCAN):
+        corpus.add(repeated)
+    assert corpus.continuations([9, 2, 3], depth=2, max_paths=4, exclude=[]) == [[50, 51]]
+    corpus.add(old)  # now among the newest MAX_SCAN
+    assert corpus.continuations([9, 2, 3], depth=2, max_paths=4, exclude=[]) == [[40, 41], [50, 51]]
+    drafter = NgramDrafter(ngram_max=3, ngram_min=1, max_paths=4)
+    context = old + repeated * MAX_SCAN + [1, 2, 3]
+    assert drafter.continuations(context, 2) == [[50, 51]]
+    assert drafter.continuations(old + repeated * (MAX_SCAN - 1) + [1, 2, 3], 2) == [[50, 51], [40, 41]]
 
 
 def test_corpus_drops_the_oldest_documents_and_rebuilds_its_index():
