@@ -235,13 +235,23 @@ def merge_by_score(trees: list[TokenTree], max_nodes: int) -> TokenTree:
 
 def tree_from_paths_within_budget(root: int, paths: list[list[int]], max_nodes: int) -> TokenTree:
     """Add root-excluded token paths in order (shared prefixes shared), cutting the last one so
-    the tree holds at most ``max_nodes`` draft nodes."""
+    the tree holds at most ``max_nodes`` draft nodes. A path adds the nodes past its longest
+    prefix already in the tree (a trie of the kept paths counts them)."""
     kept: list[list[int]] = []
+    trie: dict[int, dict] = {}  # token -> children, the kept paths' nodes
+    num_nodes = 0
     for path in paths:
-        excess = TokenTree.from_paths(root, kept + [path]).num_nodes - 1 - max_nodes
-        if excess > 0:
-            if excess < len(path):
-                kept.append(path[: len(path) - excess])
+        node, shared = trie, 0
+        while shared < len(path) and path[shared] in node:
+            node = node[path[shared]]
+            shared += 1
+        room = max_nodes - num_nodes
+        if len(path) - shared > room:
+            if shared + room > 0:
+                kept.append(path[: shared + room])
             break
+        for token in path[shared:]:
+            node = node.setdefault(token, {})
+        num_nodes += len(path) - shared
         kept.append(path)
     return TokenTree.from_paths(root, kept)

@@ -1,3 +1,5 @@
+import random
+
 import pytest
 
 from specserve.tree import TokenTree
@@ -174,3 +176,29 @@ def test_builders_attach_path_probabilities_as_node_scores():
 def test_paths_within_budget_cut_the_last_path():
     tree = tree_from_paths_within_budget(1, [[2, 3], [2, 4, 5, 6]], max_nodes=4)
     assert tree == TokenTree.from_paths(1, [[2, 3], [2, 4, 5]])  # 4 draft nodes: 2, 3, 4, 5
+    # a path wholly inside the tree adds nothing; the cut keeps the shared prefix plus the room
+    tree = tree_from_paths_within_budget(1, [[2, 3], [2], [2, 3], [2, 3, 7, 8, 9]], max_nodes=3)
+    assert tree == TokenTree.from_paths(1, [[2, 3, 7]])
+    assert tree_from_paths_within_budget(1, [[2, 3]], max_nodes=0) == TokenTree((1,), (-1,))
+
+
+def paths_within_budget_reference(root: int, paths: list[list[int]], max_nodes: int) -> TokenTree:
+    """The definition: add paths in order while the whole tree, rebuilt, holds max_nodes drafts."""
+    kept: list[list[int]] = []
+    for path in paths:
+        excess = TokenTree.from_paths(root, kept + [path]).num_nodes - 1 - max_nodes
+        if excess > 0:
+            if excess < len(path):
+                kept.append(path[: len(path) - excess])
+            break
+        kept.append(path)
+    return TokenTree.from_paths(root, kept)
+
+
+def test_paths_within_budget_equal_the_rebuilding_reference_on_random_paths():
+    rng = random.Random(0)
+    for _ in range(3000):
+        paths = [[rng.randrange(4) for _ in range(rng.randrange(7))] for _ in range(rng.randrange(9))]
+        max_nodes = rng.randrange(20)
+        assert (tree_from_paths_within_budget(1, paths, max_nodes)
+                == paths_within_budget_reference(1, paths, max_nodes)), (paths, max_nodes)
