@@ -69,8 +69,8 @@ class KVCache:
         """Copy-on-write: block src's contents (every layer) into block dst."""
         if not copies:
             return
-        src = torch.tensor([s for s, _ in copies], device=self.kv.device)
-        dst = torch.tensor([d for _, d in copies], device=self.kv.device)
+        index = torch.tensor([s for s, _ in copies] + [d for _, d in copies], device=self.kv.device)  # one copy
+        src, dst = index[: len(copies)], index[len(copies) :]
         self.kv[:, :, dst] = self.kv[:, :, src]
 
     def move_slots(self, src_slots: list[int], dst_slots: list[int]) -> None:
@@ -78,6 +78,6 @@ class KVCache:
         if not src_slots:
             return
         flat = self.kv.view(*self.kv.shape[:2], -1, *self.kv.shape[4:])
-        src = torch.tensor(src_slots, device=self.kv.device)
-        dst = torch.tensor(dst_slots, device=self.kv.device)
+        index = torch.tensor(src_slots + dst_slots, device=self.kv.device)  # one host-to-device copy, not two
+        src, dst = index[: len(src_slots)], index[len(src_slots) :]
         flat[:, :, dst] = flat[:, :, src]

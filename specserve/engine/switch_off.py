@@ -83,18 +83,22 @@ class AcceptancePrior:
 def speculation_pays(steps: list[DraftStep], cost: StepCost, prior: float | None = None) -> bool:
     """Speculative seconds per token <= plain seconds per token over ``steps`` (non-empty),
     the steps' tokens shrunk towards ``prior`` tokens per step (None: the steps alone)."""
-    spec_s = sum(step.seconds(cost)[0] for step in steps)
-    plain_s = sum(step.seconds(cost)[1] for step in steps)
-    num_tokens = sum(1 + step.num_accepted for step in steps)
+    return _pays([step.seconds(cost) for step in steps], sum(1 + step.num_accepted for step in steps), prior)
+
+
+def _pays(seconds: list[tuple[float, float]], num_tokens: float, prior: float | None) -> bool:
+    """``speculation_pays`` from the steps' (speculative, plain) seconds and their tokens."""
+    num_steps = len(seconds)
     if prior is not None:
-        num_tokens = (num_tokens + PRIOR_STEPS * prior) * len(steps) / (len(steps) + PRIOR_STEPS)
-    return spec_s / num_tokens <= plain_s / len(steps)
+        num_tokens = (num_tokens + PRIOR_STEPS * prior) * num_steps / (num_steps + PRIOR_STEPS)
+    return sum(spec for spec, _ in seconds) / num_tokens <= sum(plain for _, plain in seconds) / num_steps
 
 
 @dataclass
 class SwitchOff:
     """One request's switch-off state. Invariant: ``recent`` holds drafting steps taken while on
-    (or the probe that switched it on), at most ``window`` of them."""
+    (or the probe that switched it on), at most ``window`` of them; ``recent_seconds`` their
+    (speculative, plain) seconds, each step costed once (a decision reads the whole window)."""
 
     window: int
     base_interval: int
@@ -102,6 +106,7 @@ class SwitchOff:
     interval: int = 0  # plain steps between probes while off
     plain_steps_since_probe: int = 0
     recent: deque[DraftStep] = field(default_factory=deque)
+    recent_seconds: deque[tuple[float, float]] = field(default_factory=deque)
     num_switch_offs: int = 0
     num_switch_ons: int = 0
     num_probes: int = 0
@@ -132,22 +137,27 @@ class SwitchOff:
                 self.num_off_steps += 1
                 self.plain_steps_since_probe += 1
             return
+        seconds = step.seconds(cost)
         if self.off:
             self.num_probes += 1
             self.plain_steps_since_probe = 0
-            if speculation_pays([step], cost, prior):
+            if _pays([seconds], 1 + step.num_accepted, prior):
                 self.off, self.interval = False, self.base_interval
-                self.recent = deque([step])
+                self.recent, self.recent_seconds = deque([step]), deque([seconds])
                 self.num_switch_ons += 1
             else:
                 self.interval = min(2 * self.interval, MAX_INTERVAL_FACTOR * self.base_interval)
             return
         self.recent.append(step)
+        self.recent_seconds.append(seconds)
         if len(self.recent) > self.window:
             self.recent.popleft()
+            self.recent_seconds.popleft()
         seen = len(self.recent) + (PRIOR_STEPS if prior is not None else 0)
-        if 2 * seen >= self.window and not speculation_pays(list(self.recent), cost, prior):
+        if 2 * seen >= self.window and not _pays(list(self.recent_seconds),
+                                                  sum(1 + s.num_accepted for s in self.recent), prior):
             self.off = True
             self.plain_steps_since_probe = 0
             self.recent.clear()
+            self.recent_seconds.clear()
             self.num_switch_offs += 1

@@ -84,6 +84,22 @@ def test_the_window_slides():
     assert state.off and len(state.recent) == 0
 
 
+def test_each_step_is_costed_once_however_long_the_window():
+    """A decision reads the whole window, but each step's seconds are taken from the cost curve
+    once, when it is recorded (two curve reads: with and without its drafts)."""
+    calls = []
+
+    def cost(num_tokens: int) -> float:
+        calls.append(num_tokens)
+        return COST(num_tokens)
+
+    state = SwitchOff(window=8, base_interval=2)
+    for _ in range(20):
+        state.record(good(), cost)
+    assert len(calls) == 2 * 20 and not state.off
+    assert list(state.recent_seconds) == [good().seconds(COST)] * 8 and len(state.recent) == 8
+
+
 def test_the_engine_wide_prior_shrinks_the_request_s_tokens():
     """Two losing steps (4 s, 2 tokens) against 1 s/token plain: alone they lose; with a prior of
     m tokens per step worth PRIOR_STEPS = 2 steps the tokens become (2 + 2 m) * 2 / 4, which pays
