@@ -6,21 +6,31 @@ the bytes are incomplete) and never the start of what may become a stop string.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 PROMPT_CONTEXT_TOKENS = 5  # decode new tokens after a few prompt tokens so leading spaces survive
+
+
+def decoder(tokenizer) -> Callable[[list[int]], str]:
+    """``tokenizer.decode(ids, skip_special_tokens=True)``, through the Rust tokenizer directly
+    when transformers would return its text unchanged (a fast tokenizer that cleans up no
+    spaces): transformers' wrapper costs about 3 us of a 4.5 us call, twice per token (CPU)."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if callable(getattr(backend, "decode", None)) and getattr(tokenizer, "clean_up_tokenization_spaces", None) is False:
+        return functools.partial(backend.decode, skip_special_tokens=True)
+    return functools.partial(tokenizer.decode, skip_special_tokens=True)
 
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer, prompt_ids: list[int], stop: tuple[str, ...] = ()) -> None:
-        self.tokenizer = tokenizer
+        self._decode = decoder(tokenizer)
         self.stop = stop
         self.ids = list(prompt_ids[-PROMPT_CONTEXT_TOKENS:])
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
         self.text = ""  # everything decoded so far (stop string and beyond cut off once found)
         self.stop_hit: str | None = None
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def append(self, new_ids: list[int]) -> None:
         """Add generated tokens; afterwards ``stop_hit`` names the stop string if one appeared."""
