@@ -30,6 +30,7 @@ import time
 
 from draft_models.base import DraftRequest
 from draft_models.ngram import NgramDrafter, scan_continuations
+from specserve.errors import SpecserveError
 from specserve.tree.builders import tree_from_paths_within_budget
 
 
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.corpus is not None:
         try:
             corpus_lookups(args.corpus, args.corpus_tokens)
-        except (ValueError, OSError) as exc:
+        except (ValueError, OSError, SpecserveError) as exc:
             parser.error(f"--corpus: {exc}")
     return 0
 

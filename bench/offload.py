@@ -9,8 +9,8 @@ Per model (real SmolLM2 fully offloaded; a Llama-3-8B shape with RANDOM bf16 wei
 - the time of one forward of T tree tokens (T = 1, 64, 256; median of 15) over a 512-token context, and the
   copy floor: streamed bytes / measured bandwidth; for SmolLM2 once per --num-buffers value
   (working buffers the streamed layers rotate through; B buffers prefetch B - 1 layers across
-  passes), the 8B shape then using the value whose largest graphed (else eager) pass was fastest
-  (or --num-buffers-8b);
+  passes; auto, the default: the planner's choice, 9 in bf16); the 8B shape with
+  --num-buffers-8b (default: the planner's choice, 2 under its budget);
 - greedy decoding of a prompt set's prompts (--prompt-set, chat by default) with speculation off
   and with --spec (real model only), side by side for each --num-buffers value,
   tokens/s and mean accepted length; for the random-weight model the tokens/s with speculation
@@ -168,9 +168,10 @@ def main() -> None:
     parser.add_argument("--spec", default='{"method": "ngram", "max_tree_tokens": 64, "max_depth": 16}')
     parser.add_argument("--budget-gb", type=float, default=8.0, help="GPU weight budget for the 8B shape")
     parser.add_argument("--modes", default="eager,graphs", help="on CUDA: eager, graphs or both (the CPU runs eager)")
-    parser.add_argument("--num-buffers", default="2", help="comma-separated working-buffer counts to time (each >= 2)")
+    parser.add_argument("--num-buffers", default="auto",
+                        help="comma-separated working-buffer counts to time (each >= 2, or auto: the planner's choice)")
     parser.add_argument("--num-buffers-8b", type=int, default=None, metavar="N",
-                        help="working buffers for the 8B shape (default: the SmolLM2 count with the fastest pass; "
+                        help="working buffers for the 8B shape (default: the planner's choice, 2 under a budget; "
                              "the buffers count against --budget-gb, so fewer leave more layers resident)")
     parser.add_argument("--skip-8b", action="store_true")
     parser.add_argument("--no-plots", action="store_true", help="no PNGs next to the JSON (bench.plots draws them later)")
@@ -185,14 +186,14 @@ def main() -> None:
     except (ValueError, OSError) as exc:
         parser.error(f"--prompt-set: {exc}")
     try:
-        buffer_counts = [int(x) for x in args.num_buffers.split(",") if x.strip()]
+        buffer_counts = [None if x.strip() == "auto" else int(x) for x in args.num_buffers.split(",") if x.strip()]
     except ValueError:
-        parser.error(f"--num-buffers: expected comma-separated integers, not {args.num_buffers!r}")
+        parser.error(f"--num-buffers: expected comma-separated integers or auto, not {args.num_buffers!r}")
     if not set(args.modes.split(",")) <= {"eager", "graphs"} or not args.modes.strip(","):
         parser.error(f"--modes: eager, graphs or eager,graphs, not {args.modes!r}")
     if args.num_buffers_8b is not None and args.num_buffers_8b < 2:
         parser.error(f"--num-buffers-8b: at least 2, not {args.num_buffers_8b}")
-    if not buffer_counts or min(buffer_counts) < 2:
+    if not buffer_counts or min((c for c in buffer_counts if c is not None), default=2) < 2:
         parser.error(f"--num-buffers: every count must be at least 2, not {args.num_buffers!r}")
     sizes, repeats = ((1, 8) if args.quick else (1, 64, 256)), (1 if args.quick else 15)
     bandwidth = host_to_device_gbps(device)
@@ -206,8 +207,9 @@ def main() -> None:
     spec = SpeculativeConfig.parse(args.spec)
     name = "smollm2-135m (real weights, fully offloaded)"
     by_buffers, decode_by_buffers, prompts = {}, {}, None
-    for count in buffer_counts:  # passes, then decoding off and on, per working-buffer count
-        real = load_model(ModelConfig(device=str(device), dtype=dtype, offload=True, offload_buffers=count))
+    for wanted in buffer_counts:  # passes, then decoding off and on, per working-buffer count
+        real = load_model(ModelConfig(device=str(device), dtype=dtype, offload=True, offload_buffers=wanted))
+        count = real.model.streamer.num_buffers  # "auto" (None): the planner's choice
         floor = real.residency.host_bytes / (bandwidth * 1e9)
         by_buffers[count] = pass_figures(real, sizes, 512 if not args.quick else 16, repeats, floor, 1.0, modes)
         log(f"smollm2 passes, {count} buffers: {by_buffers[count]}")
@@ -230,17 +232,17 @@ def main() -> None:
                 f"spec {on['ms_per_token']:.2f} ms/token")
             save_json(result_name, result, args.out)
         del real
-    best_buffers = min(buffer_counts, key=lambda b: by_buffers[b][modes[-1]]["pass_s"][max(sizes)])
+    best_buffers = min(by_buffers, key=lambda b: by_buffers[b][modes[-1]]["pass_s"][max(sizes)])
     # the count whose speculation is fastest (not the best ratio, which a slow baseline flatters)
-    fastest = min(buffer_counts, key=lambda b: decode_by_buffers[b][modes[-1]]["speculation_on"]["ms_per_token"])
+    fastest = min(decode_by_buffers, key=lambda b: decode_by_buffers[b][modes[-1]]["speculation_on"]["ms_per_token"])
     accepted = decode_by_buffers[fastest][modes[-1]]["speculation_on"]["mean_accepted_length"]
     draft_s = decode_by_buffers[fastest][modes[-1]]["speculation_on"]["draft_s_per_step"]
     result["models"][name].update(num_buffers=best_buffers, passes=by_buffers[best_buffers],
                                   decode=decode_by_buffers[fastest], decode_num_buffers=fastest)
 
     if not args.skip_8b:
-        buffers_8b = args.num_buffers_8b or best_buffers
-        plan = plan_residency(LLAMA3_8B, torch.bfloat16, args.budget_gb, buffers_8b)
+        plan = plan_residency(LLAMA3_8B, torch.bfloat16, args.budget_gb, args.num_buffers_8b)
+        buffers_8b = plan.num_buffers
         weights_device = random_weights_device(plan.host_bytes + plan.device_bytes, device)
         log(f"8B shape: drawing random weights on {weights_device}, {plan.num_resident} resident layers")
         model = offload_model(random_model(LLAMA3_8B, weights_device, torch.bfloat16), device, plan.num_resident,

@@ -62,7 +62,8 @@ def first_distinct_paths(lengths: Iterable[int], max_paths: int, candidates: Cal
                          exclude: list[list[int]] = ()) -> list[list[int]]:
     """For the first suffix length in ``lengths`` that yields any: up to ``max_paths`` distinct
     non-empty paths among the first ``MAX_SCAN`` of ``candidates(n)`` (newest first), none in
-    ``exclude``."""
+    ``exclude`` (empty, repeated and excluded candidates count towards ``MAX_SCAN``: a suffix
+    whose newest occurrences all repeat excluded paths falls back to a shorter one)."""
     for n in lengths:
         paths: list[list[int]] = []
         for path in itertools.islice(candidates(n), MAX_SCAN):
@@ -88,7 +89,8 @@ def longest_suffix_paths(
 
 def scan_continuations(token_ids: list[int], depth: int, n_min: int, n_max: int, max_paths: int) -> list[list[int]]:
     """The reference of ``NgramIndex.continuations``: scan the whole sequence for each suffix
-    length, newest occurrence first (what the drafter did before it kept an index)."""
+    length, newest occurrence first (what the drafter did before it kept an index; like it,
+    reading at most ``MAX_SCAN`` occurrences)."""
     n_tokens = len(token_ids)
 
     def occurrences(n: int) -> Iterable[int]:

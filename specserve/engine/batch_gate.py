@@ -22,7 +22,7 @@ switched off, or the drafters found nothing. At bucket b, with n the bucket's st
 - drafting s/token <= plain s/token: draft, with a plain probe every ``REFRESH * interval``
   steps to keep the plain rate current;
 - else: plain, with drafting probes so that the gate opens again when the workload changes: the
-  first ``interval`` steps after the bucket last drafted, then twice as far apart after each
+  first ``interval`` steps after the last step the gate let draft at this bucket, then twice as far apart after each
   probe, up to ``MAX_BACKOFF * interval`` (a drafting step at a losing batch size can cost
   twice a plain one: at 16 in flight on the H200 the n-gram engine's p90 inter-token latency was
   6.0 ms against off's 3.3, its median the same; a probe every 32nd step would then cost about

@@ -17,9 +17,18 @@ def decoder(tokenizer) -> Callable[[list[int]], str]:
     when transformers would return its text unchanged (a fast tokenizer that cleans up no
     spaces): transformers' wrapper costs about 3 us of a 4.5 us call, twice per token (CPU)."""
     backend = getattr(tokenizer, "_tokenizer", None)
-    if callable(getattr(backend, "decode", None)) and getattr(tokenizer, "clean_up_tokenization_spaces", None) is False:
+    if (callable(getattr(backend, "decode", None)) and getattr(tokenizer, "clean_up_tokenization_spaces", None) is False
+            and _own_decode(type(tokenizer))):
         return functools.partial(backend.decode, skip_special_tokens=True)
     return functools.partial(tokenizer.decode, skip_special_tokens=True)
+
+
+def _own_decode(cls: type) -> bool:
+    """Whether ``cls`` decodes as transformers' fast tokenizers do (``decode`` and ``_decode``
+    not overridden by a model's tokenizer class, as some add their own post-processing)."""
+    decode, inner = getattr(cls, "decode", None), getattr(cls, "_decode", None)
+    return (getattr(decode, "__qualname__", "") == "PreTrainedTokenizerBase.decode"
+            and getattr(inner, "__qualname__", "") in ("TokenizersBackend._decode", "PreTrainedTokenizerFast._decode"))
 
 
 class IncrementalDetokenizer:

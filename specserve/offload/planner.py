@@ -8,7 +8,8 @@ B buffers let a pass's first B - 1 streamed layers be copied while the host work
 passes (``offload.offloaded_model``). Left to the planner: under a budget B = 2, since a buffer
 more would displace a resident layer, whose copy every pass saves outright, while a prefetched
 layer only hides host time; with every layer streamed, B - 1 layers cover ``PREFETCH_BYTES``
-(about a millisecond of copying; at least one layer, and fewer than all). SmolLM2-135M in bf16
+(about a millisecond of copying; at least one layer, and fewer than all but for a one-layer
+model). SmolLM2-135M in bf16
 (7.1 MB layers) gets 9, the count measured best on the H200 (bench/README.md, "Offloading at
 4x").
 """

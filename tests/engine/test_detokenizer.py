@@ -24,7 +24,7 @@ def test_the_direct_decoder_equals_transformers_decode(tokenizer):
         assert fast(ids) == tokenizer.decode(ids, skip_special_tokens=True), ids
 
 
-def test_a_tokenizer_that_cleans_up_spaces_keeps_transformers_decode():
+def test_a_tokenizer_that_cleans_up_spaces_or_decodes_its_own_way_keeps_its_decode():
     class CleaningUp:
         clean_up_tokenization_spaces = True
         _tokenizer = object()
@@ -33,6 +33,19 @@ def test_a_tokenizer_that_cleans_up_spaces_keeps_transformers_decode():
             return f"decoded {ids} {skip_special_tokens}"
 
     assert decoder(CleaningUp())([1, 2]) == "decoded [1, 2] True"
+
+    class Rust:
+        def decode(self, ids, skip_special_tokens):
+            return "rust"
+
+    class OwnDecode:  # a tokenizer class with its own decode (post-processing the Rust text)
+        clean_up_tokenization_spaces = False
+        _tokenizer = Rust()
+
+        def decode(self, ids, skip_special_tokens):
+            return "own"
+
+    assert decoder(OwnDecode())([1]) == "own"
 
 
 def test_text_built_token_by_token_is_the_whole_decode_and_stops_at_a_stop_string(tokenizer):
