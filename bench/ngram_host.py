@@ -93,14 +93,10 @@ def main(argv: list[str] | None = None) -> int:
 def corpus_lookups(set_name: str, corpus_tokens: int, repeats: int = 20) -> None:
     """Fill a corpus with ``set_name``'s formatted prompts, then time each prompt's lookup."""
     from bench.prompt_sets import load_prompt_set, prompt_token_ids
-    from specserve.models.loader import read_weights
-    from specserve.models.source import resolve_model
-    from specserve.models.tokenizer import load_tokenizer
+    from specserve.models.loader import load_model_tokenizer
 
     prompt_set = load_prompt_set(set_name)
-    source = resolve_model(None)
-    cache_dir = read_weights(source)[3]
-    tokenizer = load_tokenizer(source, None if cache_dir is None else cache_dir / "tokenizer")
+    tokenizer = load_model_tokenizer()  # the default model's, no weights read
     prompts = [prompt_token_ids(tokenizer, p, prompt_set.chat_template) for p in prompt_set.prompts]
     drafter = NgramDrafter(ngram_max=4, ngram_min=1, max_paths=4, corpus_tokens=corpus_tokens)
     number = 0

@@ -141,11 +141,13 @@ def plot_offload(result: dict[str, Any], stem: Path, plt) -> list[Path]:
     floor_known = math.isfinite(result["host_to_device_gbps"])  # no bandwidth (CPU run): plain pass times
     key = "pass_over_floor" if floor_known else "pass_s"
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    ticks: set[int] = set()
     for model_name, m in result["models"].items():
         by_buffers = m.get("passes_by_num_buffers") or {m["num_buffers"]: m["passes"]}
         for count, passes in by_buffers.items():
             for mode, p in passes.items():
                 sizes = sorted(p[key], key=int)  # JSON keys are strings
+                ticks.update(int(n) for n in sizes)
                 ax.plot([int(n) for n in sizes], [p[key][n] * (1 if floor_known else 1000) for n in sizes], "o-",
                         label=f"{model_name} [{mode}, {count} buffers]")
     if floor_known:
@@ -153,10 +155,7 @@ def plot_offload(result: dict[str, Any], stem: Path, plt) -> list[Path]:
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_ylim(bottom=0.9)
     ax.set_xscale("log", base=2)
-    ticks = sorted({int(n) for m in result["models"].values()
-                    for passes in (m.get("passes_by_num_buffers") or {0: m["passes"]}).values()
-                    for p in passes.values() for n in p[key]})
-    ax.set_xticks(ticks, [str(n) for n in ticks])
+    ax.set_xticks(sorted(ticks), [str(n) for n in sorted(ticks)])
     ax.minorticks_off()
     ax.set_xlabel("tree tokens in the pass")
     ax.set_ylabel("pass time / copy floor" if floor_known else "pass time (ms)")

@@ -109,6 +109,13 @@ def read_weights(source: ModelSource) -> tuple[LlamaArchConfig, Iterator[tuple[s
     return cfg, iter(tensors.items()), count, cache_dir
 
 
+def load_model_tokenizer(model: str | None = None):
+    """The tokenizer of ``model`` (resolved as ``load_model`` does) without reading its weights:
+    a GGUF's converted tokenizer from its cache folder when there, else converted (and kept)."""
+    source = resolve_model(model)
+    return load_tokenizer(source, None if source.kind == "hf" else _gguf_cache_dir(source.path) / "tokenizer")
+
+
 def select_backend_name(name: str, device: torch.device) -> str:
     """The attention backend for where the model will run (an offloaded model is built on the
     CPU but runs on ``device``)."""
