@@ -39,7 +39,10 @@ outside the capture, so waiting on it inside would fail, and a prefetch inside t
 hold the graph (and the host's read of its logits) until the copies end. Whoever replays it
 calls ``wait_for_prefetch`` before and ``prefetch`` after it (``before_graph_replay`` and
 ``after_graph_replay``, which ``cuda_graphs.GraphRunner`` calls for runners whose forward
-streams: ``ModelRunner``). The join and the prefetch run when the
+streams: ``ModelRunner``). (Waiting inside the graph, on an external event, would let the
+graph's first copies overlap the prefetch's last, but on the H200 such a wait node waited for
+the record made after the launch, here the next prefetch, which waits for the replay itself:
+``bench/results/graph_event_wait_semantics_h200.log``.) The join and the prefetch run when the
 layer iterator is exhausted: callers iterate it to the end (``LlamaForCausalLM.run_layers``).
 
 Keeping the *last* layers offloaded leaves the first ones resident, where an early-exit drafter

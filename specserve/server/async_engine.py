@@ -250,9 +250,11 @@ class AsyncEngine:
         if self.freeze_heap:
             freeze_startup_heap()
         self._post(self._on_loaded, info)
+        last_step_end = None  # when the previous step ended (None after idling)
         while True:
             with self._cond:
                 while not self._commands and not engine.has_unfinished():
+                    last_step_end = None  # idle: waiting is not loop overhead
                     self._cond.wait()
                 commands = list(self._commands)
                 self._commands.clear()
@@ -268,7 +270,15 @@ class AsyncEngine:
             if stop:
                 outputs += self._abort(engine, None)
             elif engine.has_unfinished():
+                previous = getattr(engine, "last_step", None)
                 outputs += self._step(engine)
+                stats = getattr(engine, "last_step", None)
+                if stats is not None and stats is not previous:  # a step ran (not one that scheduled nothing)
+                    self.metrics.record_step(stats)
+                    now = time.perf_counter()
+                    if last_step_end is not None:  # from the previous step's end to this one's start
+                        self.metrics.engine_loop_seconds.inc(max(0.0, now - stats.total_s - last_step_end))
+                    last_step_end = now
             self.metrics.record_outputs(outputs, time.perf_counter())
             self._record_state(engine)
             if outputs:

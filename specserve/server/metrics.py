@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from specserve.engine.outputs import RequestOutput
+from specserve.engine.outputs import RequestOutput, StepStats
 
+STEP_BUCKETS = (0.0005, 0.001, 0.0015, 0.002, 0.0025, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1,
+                0.25, 1.0)
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
                    1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
 
@@ -72,6 +74,24 @@ class ServerMetrics:
             "specserve_requests_rejected", "HTTP generation requests turned away, by reason.", ["reason"], registry=r
         )
         self.engine_errors = Counter("specserve_engine_errors", "Engine steps that raised.", registry=r)
+        self.engine_step_seconds = Histogram(
+            "specserve_engine_step_seconds", "Wall time of one engine step, by kind: prefill (a prompt chunk "
+            "rode along), drafting (decode only, some tree held a draft) or plain (decode only, no draft).",
+            ["kind"], buckets=STEP_BUCKETS, registry=r)
+        self.engine_step_phase_seconds = Counter(
+            "specserve_engine_step_phase_seconds", "Engine step time by phase: draft (proposing trees), verify "
+            "(target forward, verification, read-back) and other (scheduling, accepting, committing, "
+            "detokenizing).", ["phase"], registry=r)
+        self.engine_loop_seconds = Counter(
+            "specserve_engine_loop_seconds", "Engine-thread time per loop iteration outside engine steps "
+            "(commands, metrics, handing outputs to the event loop), while requests were running.", registry=r)
+        for kind in ("prefill", "drafting", "plain"):  # every series shows from the start, at 0
+            self.engine_step_seconds.labels(kind)
+        for phase in ("draft", "verify", "other"):
+            self.engine_step_phase_seconds.labels(phase)
+        self.spec_gate_closed_steps = Counter(
+            "specserve_spec_decode_gate_closed_steps", "Decode steps the batch gate kept plain because "
+            "drafting measured slower than plain steps at this batch size.", registry=r)
         self.weights_device_bytes = Gauge(
             "specserve_weights_device_bytes", "Model weight bytes on the device (with offload: "
             "resident layers, embeddings and the streaming buffers).", registry=r)
@@ -105,6 +125,15 @@ class ServerMetrics:
         self.weights_host_bytes.set(host_bytes)
         self.offload_resident_layers.set(resident_layers)
         self.kv_cache_bytes.set(kv_cache_bytes)
+
+    def record_step(self, stats: StepStats) -> None:
+        kind = "prefill" if not stats.is_decode else "drafting" if stats.num_draft_tokens else "plain"
+        self.engine_step_seconds.labels(kind).observe(stats.total_s)
+        self.engine_step_phase_seconds.labels("draft").inc(stats.draft_s)
+        self.engine_step_phase_seconds.labels("verify").inc(stats.verify_s)
+        self.engine_step_phase_seconds.labels("other").inc(max(0.0, stats.total_s - stats.draft_s - stats.verify_s))
+        if stats.is_decode and not stats.gate_open:
+            self.spec_gate_closed_steps.inc()
 
     def record_admitted(self, num_prompt_tokens: int) -> None:
         self.prompt_tokens.inc(num_prompt_tokens)

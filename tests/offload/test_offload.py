@@ -1,6 +1,8 @@
 """The offload path (layers in a host store, copied per layer into working buffers) gives the
 resident path's outputs exactly, on the CPU."""
 
+import time
+
 import pytest
 import torch
 
@@ -175,6 +177,45 @@ def test_gpu_bf16_prefetching_offloaded_model_decodes_as_the_resident_one():
         outs = [LLMEngine(EngineConfig(cache=CacheConfig(num_blocks=64), speculative=SpeculativeConfig.parse(spec)),
                           loaded=loaded).generate(prompts, params) for loaded in (resident, streamed)]
         assert [o.token_ids for o in outs[0]] == [o.token_ids for o in outs[1]], spec
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_a_replay_waits_for_a_late_prefetch_and_the_next_prefetch_waits_for_it():
+    """A captured forward runs only after the prefetch recorded before it (the runner's
+    ``before_graph_replay`` makes the stream wait for ``ready``): with the prefetched buffers
+    zeroed and the prefetch held back 0.1 s on the copy stream, the replay still gives the
+    logits of a normal one, and ``after_graph_replay``'s next prefetch (issued right after the
+    launch, into the buffers the replay reads) does not overwrite them under it.
+
+    (The wait cannot move inside the graph, as an external event's wait node, to let the graph's
+    first copies overlap the prefetch's last: on the H200 such a node waited for the event's
+    record made *after* the launch (``graph_event_wait_semantics_h200.log``), which here is the
+    next prefetch, itself waiting for the replay.)"""
+    from specserve.engine.model_runner import TreeBatchItem
+    from specserve.tree import TokenTree
+
+    loaded = load_model(ModelConfig(device="cuda", dtype="bfloat16", offload=True, offload_buffers=5))
+    engine = LLMEngine(EngineConfig(model=ModelConfig(enforce_eager=False), cache=CacheConfig(num_blocks=64)),
+                       loaded=loaded)
+    runner, streamer = engine.runner, loaded.model.streamer
+    engine.kv_manager.add_sequence("s", PROMPT)
+    engine.kv_manager.allocate_slots("s", 0, len(PROMPT))
+    item = TreeBatchItem("s", 0, TokenTree.chain(PROMPT))  # the whole prompt: no KV read from before
+    expected = runner.run([item], [len(PROMPT) - 1])[0].clone()
+    assert runner.graphs is not None and runner.graphs.num_captured > 0
+    torch.cuda.synchronize()
+    for buffer in streamer.buffers[: streamer.num_prefetched]:
+        buffer.zero_()
+    torch.cuda.synchronize()
+    with torch.cuda.stream(streamer.copy_stream):
+        torch.cuda._sleep(200_000_000)  # about 0.1 s at 2 GHz, ahead of the prefetch's copies
+    streamer.prefetch()
+    start = time.perf_counter()
+    logits = runner.run([item], [len(PROMPT) - 1])[0]
+    torch.cuda.synchronize()
+    assert time.perf_counter() - start > 0.02  # it did wait for the held-back prefetch
+    assert torch.equal(logits, expected)
 
 
 def test_only_streaming_runners_get_replay_hooks_and_partial_forwards_refill_only_what_they_overwrote(smollm):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
+import pytest
 
 from tests.server.conftest import MODEL_NAME, chunks_of, metric, read_sse
 
@@ -108,3 +111,28 @@ async def test_speculation_accepts_drafts_and_metrics_count_them(server, auth):
     assert stats["num_steps"] < 16 and stats["mean_accepted_length"] > 1.0
     assert sum(stats["accepted_per_depth"]) == stats["num_accepted_tokens"]
     assert accepted_depth_1 >= stats["accepted_per_depth"][0] and mean_length > 1.0
+
+
+async def test_metrics_time_engine_steps_by_kind_and_phase(server, auth):
+    """After a request: its prompt step counts as a prefill step, its decode steps as drafting or
+    plain ones, and the phases' seconds add up to the steps' (within float rounding)."""
+    body = {"prompt": "one two three one two three one two", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    names = [f'specserve_engine_step_seconds_count{{kind="{kind}"}}' for kind in ("prefill", "drafting", "plain")]
+    async with aiohttp.ClientSession(headers=auth) as session:
+        before = [await metric(session, server.base_url, name) for name in names]
+        gate_closed_before = await metric(session, server.base_url, "specserve_spec_decode_gate_closed_steps_total")
+        async with session.post(f"{server.base_url}/v1/completions", json=body) as response:
+            assert response.status == 200, await response.text()
+        await asyncio.sleep(0.2)  # the engine thread records after handing the outputs over
+        after = [await metric(session, server.base_url, name) for name in names]
+        step_sum = sum([await metric(session, server.base_url, f'specserve_engine_step_seconds_sum{{kind="{kind}"}}')
+                        for kind in ("prefill", "drafting", "plain")])
+        phase_sum = sum([await metric(session, server.base_url, f'specserve_engine_step_phase_seconds_total{{phase="{p}"}}')
+                         for p in ("draft", "verify", "other")])
+        gate_closed = await metric(session, server.base_url, "specserve_spec_decode_gate_closed_steps_total")
+        loop = await metric(session, server.base_url, "specserve_engine_loop_seconds_total")
+    new_prefill, new_drafting, new_plain = (a - b for a, b in zip(after, before))
+    assert new_prefill >= 1 and new_drafting + new_plain >= 1 and new_prefill + new_drafting + new_plain <= 8
+    assert phase_sum == pytest.approx(step_sum, rel=1e-6) and step_sum > 0
+    assert gate_closed == gate_closed_before  # one request alone: the gate never decides below 8 sequences
+    assert loop >= 0
