@@ -351,6 +351,7 @@ class LLMEngine:
             verify_s=verify_s,
             total_s=total_s,
             gate_open=gate_open,
+            num_prefills=len(prefills),
         )
         return outputs
 

@@ -51,8 +51,9 @@ class StepStats:
     verify_s: float  # target forward + verification (ends with the host read of accepted tokens)
     total_s: float
     gate_open: bool = True  # False: the batch gate kept this decode step plain (``batch_gate``)
+    num_prefills: int = 0  # prompt chunks in the step (a one-token chunk counts: a cached prompt's last token)
 
     @property
     def is_decode(self) -> bool:
-        """Only decode trees ran: a row per root and per draft (a prefill chunk brings more)."""
-        return self.num_tokens == self.num_seqs + self.num_draft_tokens
+        """Only decode trees ran: no prompt chunk, a row per root and per draft."""
+        return self.num_prefills == 0 and self.num_tokens == self.num_seqs + self.num_draft_tokens

@@ -279,6 +279,8 @@ class AsyncEngine:
                     if last_step_end is not None:  # from the previous step's end to this one's start
                         self.metrics.engine_loop_seconds.inc(max(0.0, now - stats.total_s - last_step_end))
                     last_step_end = now
+                else:  # failed or scheduled nothing: the next gap is not the loop's alone
+                    last_step_end = None
             self.metrics.record_outputs(outputs, time.perf_counter())
             self._record_state(engine)
             if outputs:

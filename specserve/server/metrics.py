@@ -83,15 +83,17 @@ class ServerMetrics:
             "(target forward, verification, read-back) and other (scheduling, accepting, committing, "
             "detokenizing).", ["phase"], registry=r)
         self.engine_loop_seconds = Counter(
-            "specserve_engine_loop_seconds", "Engine-thread time per loop iteration outside engine steps "
-            "(commands, metrics, handing outputs to the event loop), while requests were running.", registry=r)
+            "specserve_engine_loop_seconds", "Engine-thread time between consecutive engine steps (commands "
+            "such as admitting requests, metrics, handing outputs to the event loop); the gap after an idle "
+            "wait, a failed step or one that scheduled nothing is left out.", registry=r)
         for kind in ("prefill", "drafting", "plain"):  # every series shows from the start, at 0
             self.engine_step_seconds.labels(kind)
         for phase in ("draft", "verify", "other"):
             self.engine_step_phase_seconds.labels(phase)
         self.spec_gate_closed_steps = Counter(
-            "specserve_spec_decode_gate_closed_steps", "Decode steps the batch gate kept plain because "
-            "drafting measured slower than plain steps at this batch size.", registry=r)
+            "specserve_spec_decode_gate_closed_steps", "Decode steps in which the batch gate let no "
+            "gated request draft: while drafting measures slower than plain steps at this batch size, "
+            "while it learns both rates, and its plain probes.", registry=r)
         self.weights_device_bytes = Gauge(
             "specserve_weights_device_bytes", "Model weight bytes on the device (with offload: "
             "resident layers, embeddings and the streaming buffers).", registry=r)

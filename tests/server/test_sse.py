@@ -114,25 +114,37 @@ async def test_speculation_accepts_drafts_and_metrics_count_them(server, auth):
 
 
 async def test_metrics_time_engine_steps_by_kind_and_phase(server, auth):
-    """After a request: its prompt step counts as a prefill step, its decode steps as drafting or
-    plain ones, and the phases' seconds add up to the steps' (within float rounding)."""
+    """A request's prompt step counts as a prefill step and its decode steps as drafting or plain
+    ones; the phases add up to the steps; the loop counter grows between consecutive steps but
+    not over an idle wait between two requests."""
     body = {"prompt": "one two three one two three one two", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
-    names = [f'specserve_engine_step_seconds_count{{kind="{kind}"}}' for kind in ("prefill", "drafting", "plain")]
+    kinds = ("prefill", "drafting", "plain")
+    loop_name, gate_name = "specserve_engine_loop_seconds_total", "specserve_spec_decode_gate_closed_steps_total"
     async with aiohttp.ClientSession(headers=auth) as session:
-        before = [await metric(session, server.base_url, name) for name in names]
-        gate_closed_before = await metric(session, server.base_url, "specserve_spec_decode_gate_closed_steps_total")
-        async with session.post(f"{server.base_url}/v1/completions", json=body) as response:
-            assert response.status == 200, await response.text()
-        await asyncio.sleep(0.2)  # the engine thread records after handing the outputs over
-        after = [await metric(session, server.base_url, name) for name in names]
-        step_sum = sum([await metric(session, server.base_url, f'specserve_engine_step_seconds_sum{{kind="{kind}"}}')
-                        for kind in ("prefill", "drafting", "plain")])
-        phase_sum = sum([await metric(session, server.base_url, f'specserve_engine_step_phase_seconds_total{{phase="{p}"}}')
+
+        async def read(name: str) -> float:
+            return await metric(session, server.base_url, name)
+
+        async def counts() -> list[float]:
+            return [await read(f'specserve_engine_step_seconds_count{{kind="{kind}"}}') for kind in kinds]
+
+        async def generate() -> None:
+            async with session.post(f"{server.base_url}/v1/completions", json=body) as response:
+                assert response.status == 200, await response.text()
+            await asyncio.sleep(0.2)  # the engine thread records a step after its outputs go out
+
+        before, loop_before, gate_before = await counts(), await read(loop_name), await read(gate_name)
+        await generate()
+        after, loop_after = await counts(), await read(loop_name)
+        step_sum = sum([await read(f'specserve_engine_step_seconds_sum{{kind="{kind}"}}') for kind in kinds])
+        phase_sum = sum([await read(f'specserve_engine_step_phase_seconds_total{{phase="{p}"}}')
                          for p in ("draft", "verify", "other")])
-        gate_closed = await metric(session, server.base_url, "specserve_spec_decode_gate_closed_steps_total")
-        loop = await metric(session, server.base_url, "specserve_engine_loop_seconds_total")
+        await asyncio.sleep(0.5)  # idle: not loop time
+        await generate()
+        loop_last, gate_after = await read(loop_name), await read(gate_name)
     new_prefill, new_drafting, new_plain = (a - b for a, b in zip(after, before))
-    assert new_prefill >= 1 and new_drafting + new_plain >= 1 and new_prefill + new_drafting + new_plain <= 8
+    assert new_prefill == 1 and new_drafting + new_plain >= 1 and new_prefill + new_drafting + new_plain <= 8
     assert phase_sum == pytest.approx(step_sum, rel=1e-6) and step_sum > 0
-    assert gate_closed == gate_closed_before  # one request alone: the gate never decides below 8 sequences
-    assert loop >= 0
+    assert gate_after == gate_before  # one request alone: the gate never decides below 8 sequences
+    assert loop_after > loop_before  # at least two steps back to back
+    assert loop_last - loop_after < 0.25  # the 0.5 s idle wait is left out
