@@ -69,8 +69,7 @@ class KVCache:
         """Copy-on-write: block src's contents (every layer) into block dst."""
         if not copies:
             return
-        index = torch.tensor([s for s, _ in copies] + [d for _, d in copies], device=self.kv.device)  # one copy
-        src, dst = index[: len(copies)], index[len(copies) :]
+        src, dst = self._indices([s for s, _ in copies], [d for _, d in copies])
         self.kv[:, :, dst] = self.kv[:, :, src]
 
     def move_slots(self, src_slots: list[int], dst_slots: list[int]) -> None:
@@ -78,6 +77,10 @@ class KVCache:
         if not src_slots:
             return
         flat = self.kv.view(*self.kv.shape[:2], -1, *self.kv.shape[4:])
-        index = torch.tensor(src_slots + dst_slots, device=self.kv.device)  # one host-to-device copy, not two
-        src, dst = index[: len(src_slots)], index[len(src_slots) :]
+        src, dst = self._indices(src_slots, dst_slots)
         flat[:, :, dst] = flat[:, :, src]
+
+    def _indices(self, src: list[int], dst: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``src`` and ``dst`` as index tensors on the cache's device, sent in one host-to-device copy."""
+        index = torch.tensor(src + dst, device=self.kv.device)
+        return index[: len(src)], index[len(src) :]

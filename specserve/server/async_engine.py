@@ -270,9 +270,9 @@ class AsyncEngine:
             if stop:
                 outputs += self._abort(engine, None)
             elif engine.has_unfinished():
-                previous = getattr(engine, "last_step", None)
+                previous = engine.last_step
                 outputs += self._step(engine)
-                stats = getattr(engine, "last_step", None)
+                stats = engine.last_step
                 if stats is not None and stats is not previous:  # a step ran (not one that scheduled nothing)
                     self.metrics.record_step(stats)
                     now = time.perf_counter()

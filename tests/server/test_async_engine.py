@@ -32,6 +32,7 @@ class FakeEngine:
         self.kv_manager = SimpleNamespace(pool=SimpleNamespace(num_blocks=8, num_free_blocks=8))
         self.scheduler = SimpleNamespace(running=[], waiting=[])
         self.fail_steps = 0
+        self.last_step = None  # LLMEngine's StepStats of its last step; the fake keeps none
         self.thread_ids: set[int] = set()
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
