@@ -40,6 +40,8 @@ from specserve.errors import SpecserveError
 from specserve.models.llama import LlamaForCausalLM
 from specserve.models.loader import LoadedModel
 
+LOSS_CHUNK_ROWS = 4096  # rows whose full-vocabulary logits exist at once (backward_distill)
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -94,6 +96,48 @@ def distill_loss(
     return kl + ce_weight * F.nll_loss(log_draft, target_top1) if ce_weight else kl
 
 
+def backward_distill(
+    draft: LlamaForCausalLM,
+    target_model: LlamaForCausalLM,
+    target_hidden: torch.Tensor,  # [rows, hidden_size] the target's final-norm states
+    target_top1: torch.Tensor,  # [rows] int64
+    predicted: list[torch.Tensor],  # per unrolled pass [rows, hidden_size], in the draft's graph
+    cfg: TrainConfig,
+    autocast: contextlib.AbstractContextManager = contextlib.nullcontext(),
+    chunk_rows: int = LOSS_CHUNK_ROWS,
+) -> torch.Tensor:
+    """The step's loss (module docstring: the passes' mean distillation loss, plus the state
+    regression for a feature draft), returned detached, with its gradients accumulated into the
+    draft's parameters. The full-vocabulary logits exist for ``chunk_rows`` rows at a time, not
+    the batch's (16k rows x 49k tokens in float32 is 3.2 GB a tensor): each chunk's loss is
+    backpropagated to a detached copy of the predicted states, and those gradients then run
+    through the draft once. Equal to one backward of the whole loss up to float summation order."""
+    leaves = [hidden.detach().requires_grad_() for hidden in predicted]
+    num_rows = target_hidden.shape[0]
+    value = torch.zeros((), device=target_hidden.device)
+    for leaf in leaves:
+        for begin in range(0, num_rows, chunk_rows):
+            end = min(begin + chunk_rows, num_rows)
+            with torch.no_grad():
+                target_logits = target_model.compute_logits(target_hidden[begin:end])
+            with autocast:
+                draft_logits = draft.compute_logits(leaf[begin:end])
+            part = distill_loss(draft_logits, target_logits, target_top1[begin:end], cfg.ce_weight)
+            part = part * ((end - begin) / (num_rows * len(leaves)))  # batchmean over all rows and passes
+            part.backward()
+            value += part.detach()
+    outputs, grads = list(predicted), [leaf.grad for leaf in leaves]
+    if isinstance(draft, FeatureDraft) and cfg.feature_weight:
+        regression = cfg.feature_weight * sum(
+            F.smooth_l1_loss(hidden.float(), target_hidden.float()) for hidden in predicted
+        ) / len(predicted)
+        outputs.append(regression)
+        grads.append(None)  # a scalar: d loss / d loss = 1
+        value += regression.detach()
+    torch.autograd.backward(outputs, grads)
+    return value
+
+
 def sample_batch(teacher: TeacherSet, weights: torch.Tensor, batch_tokens: int, generator: torch.Generator) -> list[int]:
     """Sequences drawn with replacement by ``weights`` [num_seqs] until batch_tokens real tokens."""
     mean_len = sum(len(x) for x in teacher.input_ids) / teacher.num_seqs
@@ -142,6 +186,7 @@ def train_draft(
     generator = torch.Generator().manual_seed(cfg.seed)
     weights = (seq_weights * torch.tensor([teacher.rows_of(s) for s in range(teacher.num_seqs)])).double()
     result = TrainResult()
+    pending: list[torch.Tensor] = []  # this group's losses, still on the device
     best = (-1.0, {})
     try:
         for step in range(cfg.max_steps):
@@ -156,8 +201,6 @@ def train_draft(
             input_ids = pad_batch([teacher.input_ids[s] for s in seqs], device)
             flat, rows = _rows(teacher, seqs, input_ids.shape[1])
             rows = rows.to(device)
-            with torch.no_grad():
-                target_logits = target.model.compute_logits(teacher.hidden[rows])
             with autocast:
                 if isinstance(draft, FeatureDraft):
                     states = pad_states([teacher.states[s] for s in seqs])
@@ -165,25 +208,19 @@ def train_draft(
                 else:
                     passes = [causal_hidden(draft, input_ids)]
                 predicted = [hidden.flatten(0, 1)[flat.to(device)] for hidden in passes]
-                draft_logits = [draft.compute_logits(hidden) for hidden in predicted]
-            loss = sum(
-                distill_loss(logits, target_logits, teacher.top1[rows], cfg.ce_weight) for logits in draft_logits
-            ) / len(draft_logits)
-            if isinstance(draft, FeatureDraft) and cfg.feature_weight:
-                target_states = teacher.hidden[rows].float()
-                loss = loss + cfg.feature_weight * sum(
-                    F.smooth_l1_loss(hidden.float(), target_states) for hidden in predicted
-                ) / len(predicted)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = backward_distill(draft, target.model, teacher.hidden[rows], teacher.top1[rows], predicted, cfg,
+                                    autocast)
             torch.nn.utils.clip_grad_norm_(own.values(), cfg.grad_clip)
             optimizer.step()
             result.steps = step + 1
-            result.losses.append(loss.item())
+            pending.append(loss.detach())  # read back in groups: a .item() per step would stall the host
             result.tokens_seen += sum(len(teacher.input_ids[s]) for s in seqs)
             result.rows_seen += len(rows)
             if result.steps % cfg.eval_every == 0:
+                _flush(pending, result)
                 best = _validate(draft, validation, cfg, result, best, own)
+        _flush(pending, result)
         if not result.validation or result.validation[-1][0] != result.steps:
             best = _validate(draft, validation, cfg, result, best, own)
     finally:
@@ -196,6 +233,13 @@ def train_draft(
                 p.grad = None
     result.wall_s = time.perf_counter() - start
     return result
+
+
+def _flush(pending: list[torch.Tensor], result: TrainResult) -> None:
+    """Move the group's losses to ``result.losses`` (one device-to-host read) and empty it."""
+    if pending:
+        result.losses.extend(torch.stack(pending).float().tolist())
+        pending.clear()
 
 
 def _validate(draft, validation: TeacherSet, cfg: TrainConfig, result: TrainResult, best, own):

@@ -37,6 +37,14 @@ PROMPT_TEMPLATES = (
     "What should I read or practise first to learn about {topic}?",
     "Write a short poem about {topic}.",
     "Answer briefly: why do people care about {topic}?",
+    "How does {topic} work? Keep it simple.",
+    "Tell me about the history of {topic}.",
+    "What are the pros and cons of {topic}?",
+    "Write a short story that involves {topic}.",
+    "Write a friendly email to a friend about {topic}.",
+    "Give a step-by-step guide to getting started with {topic}.",
+    "Summarize what everyone should know about {topic} in a few sentences.",
+    "What questions do beginners ask about {topic}? Answer two of them.",
 )
 
 

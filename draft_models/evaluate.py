@@ -145,7 +145,9 @@ def engine_acceptance(
     max_num_seqs: int,
 ) -> dict[str, Any]:
     """The engine's own mean accepted length with the saved draft, greedy, on the held-out
-    prompts (SpeculativeConfig(method="draft", ...)), and how many outputs equal plain greedy's."""
+    prompts (SpeculativeConfig(method="draft", ...)), and how many outputs equal plain greedy's.
+    The per-request switch-off (and with it the batch gate) is off, as in bench.acceptance: the
+    figure is the drafter's own, not hidden by steps the engine chose not to draft."""
     import dataclasses
     import time
 
@@ -154,7 +156,8 @@ def engine_acceptance(
 
     if not prompt_ids:
         return {"status": "not measured: no held-out prompts"}
-    spec = dataclasses.replace(speculative, method="draft", draft_model=str(draft_folder), merge=())
+    spec = dataclasses.replace(speculative, method="draft", draft_model=str(draft_folder), merge=(),
+                               switch_off=False)
     blocks = max_num_seqs * (-(-(max(map(len, prompt_ids)) + max_new_tokens + spec.max_tree_tokens) // 16) + 2)
     engine = LLMEngine(
         EngineConfig(cache=CacheConfig(num_blocks=blocks), scheduler=SchedulerConfig(max_num_seqs=max_num_seqs),

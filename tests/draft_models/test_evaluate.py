@@ -41,3 +41,30 @@ def test_heldout_metrics_counts():
     assert metrics["top4_agreement"] == 0.875
     assert metrics["chain_mean_accepted_length"]["4"] == 3.5
     assert metrics["static_tree"]["num_draft_nodes"] == 60
+
+
+def test_engine_acceptance_measures_the_drafter_with_switch_off_off(monkeypatch):
+    """The engine figure is the drafter's own: neither the per-request switch-off nor the batch
+    gate (which only exists with it) may stop steps from drafting."""
+    import specserve.engine.llm_engine as llm_engine
+    from draft_models.evaluate import engine_acceptance
+    from specserve.config import SpeculativeConfig
+
+    seen = []
+
+    class Output:
+        token_ids, num_steps, num_accepted_tokens, mean_accepted_length = [7, 8, 9], 2, 1, 1.5
+
+    class FakeEngine:
+        def __init__(self, config, loaded):
+            seen.append(config.speculative)
+
+        def generate(self, prompts, params):
+            return [Output() for _ in prompts]
+
+    monkeypatch.setattr(llm_engine, "LLMEngine", FakeEngine)
+    spec = SpeculativeConfig(tree="dynamic", top_k=4, max_tree_tokens=64, max_depth=8)
+    assert spec.switch_off  # the default, which the evaluation must override
+    result = engine_acceptance(None, "some/draft", [(1, 2, 3)], [(7, 8, 9)], 16, spec, 4)
+    assert [(s.method, s.draft_model, s.switch_off) for s in seen] == [("draft", "some/draft", False)]
+    assert (result["mean_accepted_length"], result["identical_to_greedy"]) == (1.5, 1)
