@@ -299,6 +299,7 @@ class LLMEngine:
         num_batch_tokens = sum(item.tree.num_nodes for item in items)
         draft_share = (verify_start - draft_start) / max(1, sum(tree.num_nodes > 1 for tree in trees))
         outputs = []
+        moves: tuple[list[int], list[int]] = ([], [])  # every sequence's accepted-path slot moves
         for i, seq in enumerate(prefill_seqs + decode_seqs):
             result = results[i]
             if i < len(prefill_seqs):
@@ -329,13 +330,14 @@ class LLMEngine:
             if seq.finish_reason is not None:
                 outputs.append(self._finish(seq, new_tokens, text_ends))
                 continue
-            commit(self.kv_manager, self.kv_cache, seq, prefix_len, result.accepted_nodes)
+            commit(self.kv_manager, seq, prefix_len, result.accepted_nodes, moves)
             if self.drafter is not None:
                 self.drafter.commit(seq.request_id, seq.num_computed)
             if wants_states and i >= len(prefill_seqs):  # the accepted path's states, in order
                 first_row = item_starts[len(prefills) + i - len(prefill_seqs)]
                 self.drafter.observe(seq.request_id, prefix_len, hidden[[first_row + n for n in result.accepted_nodes]])
             outputs.append(self._output(seq, new_tokens, text_ends))
+        self.kv_cache.move_slots(*moves)  # one host-to-device copy and one gather-scatter per step
         total_s = time.perf_counter() - step_start
         if self.gate is not None and decode_only and decodes and not prefills:
             # a step the gate kept plain in which never-gated requests drafted measures neither rate

@@ -16,7 +16,6 @@ from __future__ import annotations
 import torch
 
 from draft_models.base import Drafter, DraftRequest
-from specserve.cache.kv_cache import KVCache
 from specserve.cache.kv_cache_manager import KVCacheManager
 from specserve.engine.sampler import shape_logits, target_probs
 from specserve.engine.sequence import Sequence
@@ -114,14 +113,20 @@ def accept(seq: Sequence, tree: TokenTree, result: VerifyResult, eos_token_ids: 
 
 def commit(
     kv_manager: KVCacheManager,
-    kv_cache: KVCache,
     seq: Sequence,
     prefix_len: int,
     accepted_nodes: tuple[int, ...],
+    moves: tuple[list[int], list[int]],
 ) -> None:
-    """Keep the accepted path's K/V at positions prefix_len .. prefix_len + len(path) - 1."""
+    """Keep the accepted path's K/V at positions prefix_len .. prefix_len + len(path) - 1: its slot
+    moves join ``moves`` (src_slots, dst_slots), which the caller applies with one
+    ``KVCache.move_slots`` for the whole step before the next forward. The tree's blocks past the
+    path are released now; nothing writes to a released block before that forward, and sequences'
+    tree slots are disjoint, so one gather-then-scatter for every sequence moves what each
+    sequence's own would."""
     src, dst = kv_manager.commit_path(seq.request_id, prefix_len, list(accepted_nodes))
-    kv_cache.move_slots(src, dst)
+    moves[0].extend(src)
+    moves[1].extend(dst)
     seq.num_computed = prefix_len + len(accepted_nodes)
     kv_manager.trim(seq.request_id, seq.num_computed)
     kv_manager.register_committed(seq.request_id, seq.token_ids, seq.num_computed)

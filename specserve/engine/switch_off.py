@@ -59,25 +59,40 @@ class DraftStep:
 class AcceptancePrior:
     """The engine's last ``PRIOR_HISTORY`` drafting steps of every request (with one set of
     drafters): their mean tokens per step (1 + accepted drafts; None before the first), and
-    whether speculation pays over them as a whole."""
+    whether speculation pays over them as a whole.
+
+    Invariant: once ``pays`` has seen a cost curve, ``recent_seconds`` holds every step of
+    ``recent``'s (speculative, plain) seconds under it, in order (each step costed once when
+    added: ``pays``, called for every new request, sums them instead of costing 256 steps).
+    """
 
     def __init__(self) -> None:
         self.recent: deque[DraftStep] = deque(maxlen=PRIOR_HISTORY)
         self.num_tokens = 0  # sum(1 + num_accepted) over ``recent`` (read every step: kept, not summed)
+        self.cost: StepCost | None = None  # the curve ``recent_seconds`` is costed under (None: not yet)
+        self.recent_seconds: deque[tuple[float, float]] = deque(maxlen=PRIOR_HISTORY)
 
     def add(self, step: DraftStep) -> None:
         if len(self.recent) == PRIOR_HISTORY:
             self.num_tokens -= 1 + self.recent[0].num_accepted
         self.recent.append(step)
         self.num_tokens += 1 + step.num_accepted
+        if self.cost is not None:
+            self.recent_seconds.append(step.seconds(self.cost))
 
     @property
     def mean(self) -> float | None:
         return self.num_tokens / len(self.recent) if self.recent else None
 
     def pays(self, cost: StepCost, min_steps: int) -> bool:
-        """False only once ``min_steps`` steps are known and speculation lost over them."""
-        return len(self.recent) < min_steps or speculation_pays(list(self.recent), cost)
+        """False only once ``min_steps`` steps are known and speculation lost over them
+        (``speculation_pays`` over ``recent``, the same sums in the same order)."""
+        if len(self.recent) < min_steps:
+            return True
+        if cost != self.cost:
+            self.cost = cost
+            self.recent_seconds = deque((step.seconds(cost) for step in self.recent), maxlen=PRIOR_HISTORY)
+        return _pays(list(self.recent_seconds), self.num_tokens, None)
 
 
 def speculation_pays(steps: list[DraftStep], cost: StepCost, prior: float | None = None) -> bool:

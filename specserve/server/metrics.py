@@ -178,8 +178,10 @@ class ServerMetrics:
         self.spec_steps.inc(steps)
         self.spec_draft_tokens.inc(drafts)
         self.spec_accepted_tokens.inc(accepted)
+        # accepted_per_depth sums to num_accepted_tokens and only grows: no accepted draft this
+        # step (every plain step), no depth moved
         before = previous.accepted_per_depth if previous else []
-        for depth, count in enumerate(out.accepted_per_depth):
+        for depth, count in enumerate(out.accepted_per_depth if accepted else ()):
             delta = count - (before[depth] if depth < len(before) else 0)
             if delta:
                 self.spec_accepted_per_depth.labels(str(depth + 1)).inc(delta)

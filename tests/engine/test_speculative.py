@@ -39,3 +39,37 @@ def test_stats_count_steps_and_depths(make_engine, chat_ids):
     assert sum(out.accepted_per_depth) == out.num_accepted_tokens
     assert out.accepted_per_depth == sorted(out.accepted_per_depth, reverse=True)
     assert out.mean_accepted_length == 1 + out.num_accepted_tokens / out.num_steps
+
+
+def test_commit_gathers_every_sequence_s_moves_for_one_gather_scatter():
+    from types import SimpleNamespace
+
+    import torch
+
+    from specserve.cache.kv_cache import KVCache
+    from specserve.cache.kv_cache_manager import KVCacheManager
+    from specserve.engine.speculative import commit
+
+    manager = KVCacheManager(16, 4, False)
+    cache = KVCache(2, 16, 4, 1, 2, torch.float32, torch.device("cpu"))
+    slots = cache.kv.view(2, 2, -1, 1, 2)  # [layers, k/v, slot, heads, head_dim]
+    seqs, paths = [], {"a": (0, 2, 5), "b": (0,), "c": (0, 1, 4, 6)}
+    for name, prefix_len in (("a", 3), ("b", 5), ("c", 6)):
+        manager.add_sequence(name, list(range(prefix_len)))
+        manager.allocate_slots(name, 0, prefix_len + 7)  # the prefix and a 7-node tree
+        seqs.append(SimpleNamespace(request_id=name, token_ids=list(range(prefix_len + 1)), num_computed=prefix_len))
+    for slot in range(16 * 4):
+        slots[:, :, slot] = float(slot)
+    node_slots = {s.request_id: [manager.slot(s.request_id, s.num_computed + n) for n in range(7)] for s in seqs}
+    moves = ([], [])
+    for seq in seqs:
+        commit(manager, seq, seq.num_computed, paths[seq.request_id], moves)
+    a, c = node_slots["a"], node_slots["c"]
+    assert moves == ([a[2], a[5], c[4], c[6]], [a[1], a[2], c[2], c[3]])
+    assert [s.num_computed for s in seqs] == [6, 6, 10]
+    assert [len(manager.block_table(s.request_id)) for s in seqs] == [2, 2, 3]  # tree blocks past the path freed
+    cache.move_slots(*moves)
+    for seq in seqs:
+        path, first = paths[seq.request_id], seq.num_computed - len(paths[seq.request_id])
+        committed = [slots[0, 0, manager.slot(seq.request_id, first + depth), 0, 0].item() for depth in range(len(path))]
+        assert committed == [float(node_slots[seq.request_id][node]) for node in path]

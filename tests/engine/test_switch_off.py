@@ -136,6 +136,27 @@ def test_acceptance_prior_pays_over_every_request_s_steps_once_enough_are_known(
     assert prior.pays(COST, min_steps=4)  # 16 s for 20 tokens
 
 
+def test_acceptance_prior_costs_each_step_once_and_decides_as_over_the_whole_history():
+    import random
+
+    curve = StepCost((1, 2, 4, 8, 16, 32, 64, 128, 256), (1.0, 1.01, 1.02, 1.05, 1.1, 1.3, 1.7, 2.6, 4.5))
+    rng = random.Random(5)
+    prior = AcceptancePrior()
+    decisions, reference = [], []
+    for index in range(3 * PRIOR_HISTORY):
+        drafts = rng.randint(1, 16)
+        accepted = 0 if PRIOR_HISTORY <= index < 2 * PRIOR_HISTORY else rng.randint(0, drafts)  # a losing stretch
+        prior.add(DraftStep(drafts, accepted, rng.randint(0, 300), rng.random() * 0.01))
+        decisions.append(prior.pays(curve, min_steps=8))
+        reference.append(len(prior.recent) < 8 or speculation_pays(list(prior.recent), curve))
+    assert decisions == reference and True in decisions and False in decisions
+    assert list(prior.recent_seconds) == [step.seconds(curve) for step in prior.recent]
+    assert len(prior.recent_seconds) == PRIOR_HISTORY
+    # another curve: every kept step is costed again under it
+    assert prior.pays(COST, min_steps=8) == speculation_pays(list(prior.recent), COST)
+    assert list(prior.recent_seconds) == [step.seconds(COST) for step in prior.recent]
+
+
 def test_a_request_can_start_off_probing_at_once_then_at_the_longest_interval():
     state = SwitchOff.starting_off(window=8, base_interval=2)
     assert state.off and state.interval == MAX_INTERVAL_FACTOR * 2 and state.num_switch_offs == 1
