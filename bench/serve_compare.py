@@ -54,7 +54,7 @@ from specserve.errors import SpecserveError
 
 ORDERS = ("alternate", "fixed")
 KEPT_METRICS = ("specserve_engine_", "specserve_spec_decode_", "specserve_generation_tokens_total")
-RESERVED_SERVER_ARGS = ("--port", "--speculative-config", "--api-key")  # the driver sets or needs these
+RESERVED_SERVER_ARGS = ("--port", "--host", "--speculative-config", "--api-key")  # the driver sets or needs these
 SPEC_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 STOP_TIMEOUT_S = 90.0  # SIGTERM to exit; the server's own drain is --shutdown-timeout (30 s)
 
@@ -268,7 +268,12 @@ def run_one(args: argparse.Namespace, plan: ComparePlan, slot: Slot, log_dir: Pa
             raise server.fail(f"the load did not finish within --timeout-per-run {args.timeout_per_run:g} s") from None
         except SystemExit as exc:  # bench.serve's one-sentence failures (a failed warm-up request)
             raise server.fail(str(exc)) from None
-        metrics = server.metrics()
+        except Exception as exc:  # the server died under load, a broken stream: point at its log
+            raise server.fail(f"the load failed: {type(exc).__name__}: {exc}") from exc
+        try:
+            metrics = server.metrics()
+        except Exception as exc:
+            raise server.fail(f"reading /metrics failed: {type(exc).__name__}: {exc}") from exc
     finally:
         exit_code = server.stop()
     (bench_run,) = result["runs"]
@@ -393,6 +398,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Compa
         parser.error(str(exc))
     if num_rates != 1:
         parser.error("--request-rate takes one rate here: run the comparison once per rate")
+    last_port = args.port_base + len(plan.concurrencies) * plan.repeats * len(plan.specs) - 1
+    if args.port_base < 1024 or last_port > 65535:
+        parser.error(f"--port-base {args.port_base} gives ports up to {last_port}: use one in 1024..65535 "
+                     "with room for one port per run")
     if args.num_prompts < 1 or args.max_tokens < 1 or args.burstiness <= 0:
         parser.error("--num-prompts and --max-tokens must be at least 1, --burstiness positive")
     args.argv = list(argv if argv is not None else sys.argv[1:])

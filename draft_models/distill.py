@@ -90,8 +90,16 @@ def distill_loss(
     target_top1: torch.Tensor,  # [rows] int64
     ce_weight: float,
 ) -> torch.Tensor:
+    return _loss_from_log_target(draft_logits, F.log_softmax(target_logits.float(), dim=-1), target_top1, ce_weight)
+
+
+def _loss_from_log_target(
+    draft_logits: torch.Tensor,  # [rows, vocab]
+    log_target: torch.Tensor,  # [rows, vocab] float32, the target's log-probabilities
+    target_top1: torch.Tensor,  # [rows] int64
+    ce_weight: float,
+) -> torch.Tensor:
     log_draft = F.log_softmax(draft_logits.float(), dim=-1)
-    log_target = F.log_softmax(target_logits.float(), dim=-1)
     kl = F.kl_div(log_draft, log_target, log_target=True, reduction="batchmean")
     return kl + ce_weight * F.nll_loss(log_draft, target_top1) if ce_weight else kl
 
@@ -115,14 +123,14 @@ def backward_distill(
     leaves = [hidden.detach().requires_grad_() for hidden in predicted]
     num_rows = target_hidden.shape[0]
     value = torch.zeros((), device=target_hidden.device)
-    for leaf in leaves:
-        for begin in range(0, num_rows, chunk_rows):
-            end = min(begin + chunk_rows, num_rows)
-            with torch.no_grad():
-                target_logits = target_model.compute_logits(target_hidden[begin:end])
+    for begin in range(0, num_rows, chunk_rows):
+        end = min(begin + chunk_rows, num_rows)
+        with torch.no_grad():  # the target's side once per chunk, for every pass
+            log_target = F.log_softmax(target_model.compute_logits(target_hidden[begin:end]).float(), dim=-1)
+        for leaf in leaves:
             with autocast:
                 draft_logits = draft.compute_logits(leaf[begin:end])
-            part = distill_loss(draft_logits, target_logits, target_top1[begin:end], cfg.ce_weight)
+            part = _loss_from_log_target(draft_logits, log_target, target_top1[begin:end], cfg.ce_weight)
             part = part * ((end - begin) / (num_rows * len(leaves)))  # batchmean over all rows and passes
             part.backward()
             value += part.detach()

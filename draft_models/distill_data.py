@@ -45,6 +45,22 @@ PROMPT_TEMPLATES = (
     "Give a step-by-step guide to getting started with {topic}.",
     "Summarize what everyone should know about {topic} in a few sentences.",
     "What questions do beginners ask about {topic}? Answer two of them.",
+    "Can you recommend some resources for learning about {topic}?",
+    "Write a haiku about {topic}, then explain its imagery.",
+    "Create a quiz with three questions about {topic}, with answers.",
+    "Explain {topic} as if I were ten years old.",
+    "Write the opening paragraph of a blog post about {topic}.",
+    "Tell me a fun fact about {topic} and explain it.",
+    "How has {topic} changed over the last fifty years?",
+    "Write a dialogue between two friends discussing {topic}.",
+    "What are the most important terms to know about {topic}? Define each briefly.",
+    "Write a persuasive paragraph encouraging people to learn about {topic}.",
+    "Describe a typical day for someone whose job involves {topic}.",
+    "What are some myths about {topic}, and what is the truth?",
+    "Outline a one-week plan to learn more about {topic}.",
+    "Write a limerick about {topic}.",
+    "Suggest a catchy title for an article about {topic} and explain why it works.",
+    "I am curious about {topic}. Where should I start?",
 )
 
 

@@ -300,44 +300,48 @@ class LLMEngine:
         draft_share = (verify_start - draft_start) / max(1, sum(tree.num_nodes > 1 for tree in trees))
         outputs = []
         moves: tuple[list[int], list[int]] = ([], [])  # every sequence's accepted-path slot moves
-        for i, seq in enumerate(prefill_seqs + decode_seqs):
-            result = results[i]
-            if i < len(prefill_seqs):
-                tree = last_rows[i]
-                prefix_len = len(seq.token_ids) - 1
-                seq.num_computed = prefix_len  # the chain's K/V already sit in order
-            else:
-                tree = trees[i - len(prefill_seqs)]
-                prefix_len = seq.num_computed
-                seq.spec.record(tree.num_nodes - 1, len(result.accepted_nodes) - 1)
-                if seq.switch_off is not None and tree.num_nodes == 1:
-                    seq.switch_off.record(None, self.step_cost)  # a plain step: no prior to read
-                elif seq.switch_off is not None:
-                    step = DraftStep(tree.num_nodes - 1, len(result.accepted_nodes) - 1,
-                                     num_batch_tokens - tree.num_nodes, draft_share)
-                    prior = self.acceptance_priors.get(seq.speculation.drafters)
-                    if prior is None:
-                        prior = self.acceptance_priors[seq.speculation.drafters] = AcceptancePrior()
-                    seq.switch_off.record(step, self.step_cost, prior.mean)
-                    prior.add(step)
-            new_tokens = accept(seq, tree, result, self.loaded.eos_token_ids)
-            new_tokens, text_ends = _detokenize(seq, new_tokens)
-            seq.token_ids.extend(new_tokens)
-            if seq.token_counts is not None:
-                seq.token_counts.add(new_tokens)
-            if seq.first_token_time is None:
-                seq.first_token_time = now
-            if seq.finish_reason is not None:
-                outputs.append(self._finish(seq, new_tokens, text_ends))
-                continue
-            commit(self.kv_manager, seq, prefix_len, result.accepted_nodes, moves)
-            if self.drafter is not None:
-                self.drafter.commit(seq.request_id, seq.num_computed)
-            if wants_states and i >= len(prefill_seqs):  # the accepted path's states, in order
-                first_row = item_starts[len(prefills) + i - len(prefill_seqs)]
-                self.drafter.observe(seq.request_id, prefix_len, hidden[[first_row + n for n in result.accepted_nodes]])
-            outputs.append(self._output(seq, new_tokens, text_ends))
-        self.kv_cache.move_slots(*moves)  # one host-to-device copy and one gather-scatter per step
+        try:
+            for i, seq in enumerate(prefill_seqs + decode_seqs):
+                result = results[i]
+                if i < len(prefill_seqs):
+                    tree = last_rows[i]
+                    prefix_len = len(seq.token_ids) - 1
+                    seq.num_computed = prefix_len  # the chain's K/V already sit in order
+                else:
+                    tree = trees[i - len(prefill_seqs)]
+                    prefix_len = seq.num_computed
+                    seq.spec.record(tree.num_nodes - 1, len(result.accepted_nodes) - 1)
+                    if seq.switch_off is not None and tree.num_nodes == 1:
+                        seq.switch_off.record(None, self.step_cost)  # a plain step: no prior to read
+                    elif seq.switch_off is not None:
+                        step = DraftStep(tree.num_nodes - 1, len(result.accepted_nodes) - 1,
+                                         num_batch_tokens - tree.num_nodes, draft_share)
+                        prior = self.acceptance_priors.get(seq.speculation.drafters)
+                        if prior is None:
+                            prior = self.acceptance_priors[seq.speculation.drafters] = AcceptancePrior()
+                        seq.switch_off.record(step, self.step_cost, prior.mean)
+                        prior.add(step)
+                new_tokens = accept(seq, tree, result, self.loaded.eos_token_ids)
+                new_tokens, text_ends = _detokenize(seq, new_tokens)
+                seq.token_ids.extend(new_tokens)
+                if seq.token_counts is not None:
+                    seq.token_counts.add(new_tokens)
+                if seq.first_token_time is None:
+                    seq.first_token_time = now
+                if seq.finish_reason is not None:
+                    outputs.append(self._finish(seq, new_tokens, text_ends))
+                    continue
+                commit(self.kv_manager, seq, prefix_len, result.accepted_nodes, moves)
+                if self.drafter is not None:
+                    self.drafter.commit(seq.request_id, seq.num_computed)
+                if wants_states and i >= len(prefill_seqs):  # the accepted path's states, in order
+                    first_row = item_starts[len(prefills) + i - len(prefill_seqs)]
+                    self.drafter.observe(seq.request_id, prefix_len, hidden[[first_row + n for n in result.accepted_nodes]])
+                outputs.append(self._output(seq, new_tokens, text_ends))
+        finally:
+            # also when a later sequence raises: committed sequences' blocks are already registered
+            # in the prefix cache, so their K/V must sit in path order before anything reads them
+            self.kv_cache.move_slots(*moves)  # one host-to-device copy and one gather-scatter per step
         total_s = time.perf_counter() - step_start
         if self.gate is not None and decode_only and decodes and not prefills:
             # a step the gate kept plain in which never-gated requests drafted measures neither rate

@@ -4,6 +4,7 @@ comparison on the CPU: two fresh ``specserve serve`` children, off then ngram, 2
 from __future__ import annotations
 
 import json
+import socket
 
 import pytest
 
@@ -131,13 +132,38 @@ def test_a_server_that_cannot_start_is_explained(tmp_path):
     assert not (tmp_path / "out.json").exists()
 
 
+def free_port_pair() -> int:
+    """A port p with p + 1 also free now (the comparison's two runs take both)."""
+    while True:
+        port = free_port()
+        if port < 65535:
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port + 1))
+                    return port
+                except OSError:
+                    pass
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--spec", "off=off", "--repeats", "2", "--concurrency", "16,32", "--port-base", "65533"],
+     "--port-base 65533 gives ports up to 65536"),  # 4 runs: 65533 .. 65536
+    (["--spec", "off=off", "--port-base", "80"], "use one in 1024..65535"),
+    (["--spec", "off=off", "--server-args", "--host 0.0.0.0"], "must not set --host"),
+])
+def test_port_and_host_errors(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        serve_compare.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_a_real_comparison_on_the_cpu(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the servers inherit it: see tests/server/conftest.py
     out = tmp_path / "compare.json"
     result = serve_compare.main(
         ["--spec", "off=off", "--spec", "ngram=ngram", "--concurrency", "2", "--repeats", "1", "--num-prompts", "2",
-         "--max-tokens", "4", "--port-base", str(free_port()), "--server-args", "--device cpu --dtype float32",
+         "--max-tokens", "4", "--port-base", str(free_port_pair()), "--server-args", "--device cpu --dtype float32",
          "--log-dir", str(tmp_path / "logs"), "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert result["complete"] and result["environment"]["device"].startswith("cpu")

@@ -19,9 +19,12 @@ def reference(draft, target, hidden, top1, predicted, cfg, feature):
     return loss
 
 
-@pytest.mark.parametrize("feature", [False, True])
-def test_chunked_backward_equals_one_backward(smollm, feature):
-    spec = DraftSpec(num_layers=1, init_from_target_layers=(0,), feature_input=feature)
+@pytest.mark.parametrize("feature, shares", [(False, True), (True, True), (False, False)])
+def test_chunked_backward_equals_one_backward(smollm, feature, shares):
+    """(False, False): a draft with its own (tied, narrower) embedding and head, whose head takes
+    gradients in every chunk's backward and whose embedding in the final one."""
+    spec = DraftSpec(num_layers=1, init_from_target_layers=(0,) if shares else (), feature_input=feature,
+                     shares_embedding=shares, **({} if shares else dict(hidden_size=64, num_heads=4, num_kv_heads=2, intermediate_size=128)))
     draft = build_draft_model(spec, smollm, seed=3)
     own = own_tensors(draft, spec)
     for p in own.values():

@@ -1,5 +1,7 @@
 """Speculative decoding through the engine: greedy output identical to speculation off."""
 
+import dataclasses
+
 import pytest
 
 from specserve.config import SamplingParams, SpeculativeConfig
@@ -73,3 +75,47 @@ def test_commit_gathers_every_sequence_s_moves_for_one_gather_scatter():
         path, first = paths[seq.request_id], seq.num_computed - len(paths[seq.request_id])
         committed = [slots[0, 0, manager.slot(seq.request_id, first + depth), 0, 0].item() for depth in range(len(path))]
         assert committed == [float(node_slots[seq.request_id][node]) for node in path]
+
+
+def test_a_failing_step_still_moves_committed_sequences_kv(make_engine, chat_ids, monkeypatch):
+    """Sequence 1 commits (its blocks enter the prefix cache) and then sequence 2's
+    detokenizing raises: the step's K/V moves are applied all the same, so the cached blocks
+    hold path-ordered K/V. The moves are sequence 1's accepted-path slots."""
+    import specserve.engine.llm_engine as llm_engine
+
+    engine = make_engine(speculative=NGRAM)
+    params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+    for ids in chat_ids[3:5]:
+        engine.add_request(ids, params)
+    while min((s.num_generated for s in engine.scheduler.running), default=0) < 8:
+        engine.step()  # prefill, then a few decode steps, so the n-gram drafter has text to draft from
+    applied, calls, real = [], [0], llm_engine._detokenize
+
+    def failing(seq, tokens):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise RuntimeError("detokenizer broke")
+        return real(seq, tokens)
+
+    monkeypatch.setattr(llm_engine, "_detokenize", failing)
+    monkeypatch.setattr(engine.kv_cache, "move_slots", lambda src, dst: applied.append((list(src), list(dst))))
+    with pytest.raises(RuntimeError, match="detokenizer broke"):
+        engine.step()
+    assert calls[0] == 2 and len(applied) == 1  # once, after sequence 1's commit, despite the error
+
+
+def test_engine_outputs_keep_the_invariant_the_skip_relies_on(make_engine, chat_ids):
+    """(The server's /metrics skips its per-depth loop on that.) Per output: accepted_per_depth sums to num_accepted_tokens, and neither shrinks between
+    outputs of one request, so a step with no accepted draft moves no depth."""
+    engine = make_engine(speculative=dataclasses.replace(NGRAM, switch_off=False))  # draft every step
+    request_id = engine.add_request(chat_ids[3], SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True))
+    previous, moved = [], 0
+    while engine.has_unfinished():
+        for out in engine.step():
+            assert out.request_id == request_id
+            assert sum(out.accepted_per_depth) == out.num_accepted_tokens
+            padded = previous + [0] * (len(out.accepted_per_depth) - len(previous))
+            assert all(now >= before for now, before in zip(out.accepted_per_depth, padded))
+            moved += out.accepted_per_depth != previous
+            previous = list(out.accepted_per_depth)
+    assert sum(previous) > 0 and moved > 0  # drafts were accepted: the check saw depths move

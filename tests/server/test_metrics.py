@@ -1,4 +1,9 @@
-"""ServerMetrics' speculation counters grow by each output's difference to the previous one."""
+"""ServerMetrics' speculation counters grow by each output's difference to the previous one.
+
+The per-depth loop is skipped when a step accepted no draft; that skip changes no counter (every
+depth's delta is 0 then, since ``accepted_per_depth`` sums to ``num_accepted_tokens`` and only
+grows), so this test guards the counters' values, not the skip itself. tests/engine/test_speculative.py
+checks the invariant the skip relies on."""
 
 from specserve.engine.outputs import RequestOutput
 from specserve.server.metrics import ServerMetrics
@@ -27,3 +32,4 @@ def test_accepted_per_depth_counters_move_by_the_step_s_accepted_drafts_only():
     assert metrics.registry.get_sample_value("specserve_spec_decode_accepted_tokens_total") == 5.0
     assert metrics.registry.get_sample_value("specserve_spec_decode_steps_total") == 3.0
     assert metrics.registry.get_sample_value("specserve_spec_decode_mean_accepted_length") == 1.0 + 5 / 3
+
