@@ -141,6 +141,9 @@ class ServerMetrics:
         self.prompt_tokens.inc(num_prompt_tokens)
 
     def record_outputs(self, outputs: list[RequestOutput], now: float) -> None:
+        """One engine step's outputs. The speculation counters move once per call by the step's
+        sums (a counter update takes a lock: per output, 32 sequences cost about 0.2 ms a step)."""
+        totals = [0, 0, 0]  # steps, draft tokens, accepted drafts: this call's sums over outputs
         for out in outputs:
             previous = self._previous.get(out.request_id)
             num_new = len(out.new_token_ids)
@@ -154,7 +157,7 @@ class ServerMetrics:
                     for _ in range(num_new):
                         self.inter_token_latency.observe((now - last) / num_new)
                 self._last_token_time[out.request_id] = now
-            self._record_spec_delta(previous, out)
+            self._record_spec_delta(previous, out, totals)
             if out.finished:
                 self._previous.pop(out.request_id, None)
                 self._last_token_time.pop(out.request_id, None)
@@ -162,8 +165,20 @@ class ServerMetrics:
                 self.e2e_request_latency.observe((out.finish_time or now) - out.arrival_time)
             else:
                 self._previous[out.request_id] = out
+        steps, drafts, accepted = totals
+        if steps:
+            self.spec_steps.inc(steps)
+            if drafts:
+                self.spec_draft_tokens.inc(drafts)
+            if accepted:
+                self.spec_accepted_tokens.inc(accepted)
+            self._total_steps += steps
+            self._total_accepted += accepted
+            self.spec_mean_accepted_length.set(1.0 + self._total_accepted / self._total_steps)
 
-    def _record_spec_delta(self, previous: RequestOutput | None, out: RequestOutput) -> None:
+    def _record_spec_delta(self, previous: RequestOutput | None, out: RequestOutput, totals: list[int]) -> None:
+        """Switch-off counters and accepted-per-depth from ``out``'s growth over ``previous``; its
+        steps, drafts and accepted drafts are added to ``totals`` (``record_outputs`` applies them)."""
         for counter, name in ((self.spec_switch_offs, "num_switch_offs"), (self.spec_switch_ons, "num_switch_ons"),
                               (self.spec_probe_steps, "num_probe_steps"),
                               (self.spec_switched_off_steps, "num_switched_off_steps")):
@@ -175,9 +190,9 @@ class ServerMetrics:
             return
         drafts = out.num_draft_tokens - (previous.num_draft_tokens if previous else 0)
         accepted = out.num_accepted_tokens - (previous.num_accepted_tokens if previous else 0)
-        self.spec_steps.inc(steps)
-        self.spec_draft_tokens.inc(drafts)
-        self.spec_accepted_tokens.inc(accepted)
+        totals[0] += steps
+        totals[1] += drafts
+        totals[2] += accepted
         # accepted_per_depth sums to num_accepted_tokens and only grows: no accepted draft this
         # step (every plain step), no depth moved
         before = previous.accepted_per_depth if previous else []
@@ -185,6 +200,3 @@ class ServerMetrics:
             delta = count - (before[depth] if depth < len(before) else 0)
             if delta:
                 self.spec_accepted_per_depth.labels(str(depth + 1)).inc(delta)
-        self._total_steps += steps
-        self._total_accepted += accepted
-        self.spec_mean_accepted_length.set(1.0 + self._total_accepted / self._total_steps)

@@ -5,6 +5,8 @@ depth's delta is 0 then, since ``accepted_per_depth`` sums to ``num_accepted_tok
 grows), so this test guards the counters' values, not the skip itself. tests/engine/test_speculative.py
 checks the invariant the skip relies on."""
 
+import dataclasses
+
 from specserve.engine.outputs import RequestOutput
 from specserve.server.metrics import ServerMetrics
 
@@ -33,3 +35,19 @@ def test_accepted_per_depth_counters_move_by_the_step_s_accepted_drafts_only():
     assert metrics.registry.get_sample_value("specserve_spec_decode_steps_total") == 3.0
     assert metrics.registry.get_sample_value("specserve_spec_decode_mean_accepted_length") == 1.0 + 5 / 3
 
+
+
+def test_one_call_sums_every_output_s_speculation_deltas():
+    metrics = ServerMetrics()
+
+    def out(request_id, steps, drafts, accepted, per_depth):
+        return dataclasses.replace(output(steps, drafts, accepted, per_depth, [1]), request_id=request_id)
+
+    metrics.record_outputs([out("a", 1, 4, 2, [1, 1]), out("b", 1, 3, 0, []), out("c", 1, 0, 0, [])], now=1.0)
+    metrics.record_outputs([out("a", 2, 4, 2, [1, 1]), out("b", 2, 5, 1, [1])], now=2.0)
+    value = metrics.registry.get_sample_value
+    assert value("specserve_spec_decode_steps_total") == 5.0
+    assert value("specserve_spec_decode_draft_tokens_total") == 9.0  # 4 + 3, then b's 2 more
+    assert value("specserve_spec_decode_accepted_tokens_total") == 3.0
+    assert value("specserve_spec_decode_mean_accepted_length") == 1.0 + 3 / 5
+    assert per_depth(metrics) == [2.0, 1.0, None]
