@@ -75,11 +75,6 @@ def tiny_model(config: ModelConfig) -> LoadedModel:
                        eos_token_ids=eos)
 
 
-def step_kind(engine: LLMEngine) -> str:
-    stats = engine.last_step
-    return "prefill" if not stats.is_decode else "drafting" if stats.num_draft_tokens else "plain"
-
-
 def request_lengths(num_requests: int, max_tokens: int) -> list[int]:
     """max_tokens of each request: 1/2, 3/4, 1 and 5/4 of ``max_tokens`` in turn (requests
     finish at different steps, so new ones join a running batch, as in serving)."""
@@ -112,7 +107,7 @@ def run_round(engine: LLMEngine, prompts: list[list[int]], lengths: list[int],
         metrics.record_step(stats)
         metrics.record_outputs(outputs, loop_start)
         loop_s += time.perf_counter() - loop_start
-        steps[step_kind(engine)].append({"draft": stats.draft_s, "verify": stats.verify_s,
+        steps[stats.kind].append({"draft": stats.draft_s, "verify": stats.verify_s,
                                          "other": stats.total_s - stats.draft_s - stats.verify_s, "loop": loop_s,
                                          "num_seqs": stats.num_seqs})
         loop_s = 0.0

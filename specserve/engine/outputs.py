@@ -57,3 +57,9 @@ class StepStats:
     def is_decode(self) -> bool:
         """Only decode trees ran: no prompt chunk, a row per root and per draft."""
         return self.num_prefills == 0 and self.num_tokens == self.num_seqs + self.num_draft_tokens
+
+    @property
+    def kind(self) -> str:
+        """"prefill" (a prompt chunk rode along), "drafting" (decode only, some tree held a
+        draft) or "plain" (decode only, no draft): /metrics' step kinds."""
+        return "prefill" if not self.is_decode else "drafting" if self.num_draft_tokens else "plain"

@@ -129,8 +129,7 @@ class ServerMetrics:
         self.kv_cache_bytes.set(kv_cache_bytes)
 
     def record_step(self, stats: StepStats) -> None:
-        kind = "prefill" if not stats.is_decode else "drafting" if stats.num_draft_tokens else "plain"
-        self.engine_step_seconds.labels(kind).observe(stats.total_s)
+        self.engine_step_seconds.labels(stats.kind).observe(stats.total_s)
         self.engine_step_phase_seconds.labels("draft").inc(stats.draft_s)
         self.engine_step_phase_seconds.labels("verify").inc(stats.verify_s)
         self.engine_step_phase_seconds.labels("other").inc(max(0.0, stats.total_s - stats.draft_s - stats.verify_s))
@@ -143,7 +142,7 @@ class ServerMetrics:
     def record_outputs(self, outputs: list[RequestOutput], now: float) -> None:
         """One engine step's outputs. The speculation counters move once per call by the step's
         sums (a counter update takes a lock: per output, 32 sequences cost about 0.2 ms a step)."""
-        totals = [0, 0, 0]  # steps, draft tokens, accepted drafts: this call's sums over outputs
+        steps = drafts = accepted = 0  # this call's sums over outputs
         for out in outputs:
             previous = self._previous.get(out.request_id)
             num_new = len(out.new_token_ids)
@@ -157,7 +156,8 @@ class ServerMetrics:
                     for _ in range(num_new):
                         self.inter_token_latency.observe((now - last) / num_new)
                 self._last_token_time[out.request_id] = now
-            self._record_spec_delta(previous, out, totals)
+            out_steps, out_drafts, out_accepted = self._record_spec_delta(previous, out)
+            steps, drafts, accepted = steps + out_steps, drafts + out_drafts, accepted + out_accepted
             if out.finished:
                 self._previous.pop(out.request_id, None)
                 self._last_token_time.pop(out.request_id, None)
@@ -165,7 +165,6 @@ class ServerMetrics:
                 self.e2e_request_latency.observe((out.finish_time or now) - out.arrival_time)
             else:
                 self._previous[out.request_id] = out
-        steps, drafts, accepted = totals
         if steps:
             self.spec_steps.inc(steps)
             if drafts:
@@ -176,9 +175,9 @@ class ServerMetrics:
             self._total_accepted += accepted
             self.spec_mean_accepted_length.set(1.0 + self._total_accepted / self._total_steps)
 
-    def _record_spec_delta(self, previous: RequestOutput | None, out: RequestOutput, totals: list[int]) -> None:
+    def _record_spec_delta(self, previous: RequestOutput | None, out: RequestOutput) -> tuple[int, int, int]:
         """Switch-off counters and accepted-per-depth from ``out``'s growth over ``previous``; its
-        steps, drafts and accepted drafts are added to ``totals`` (``record_outputs`` applies them)."""
+        new (steps, draft tokens, accepted drafts), which ``record_outputs`` sums and applies."""
         for counter, name in ((self.spec_switch_offs, "num_switch_offs"), (self.spec_switch_ons, "num_switch_ons"),
                               (self.spec_probe_steps, "num_probe_steps"),
                               (self.spec_switched_off_steps, "num_switched_off_steps")):
@@ -187,12 +186,9 @@ class ServerMetrics:
                 counter.inc(delta)
         steps = out.num_steps - (previous.num_steps if previous else 0)
         if steps <= 0:
-            return
+            return 0, 0, 0
         drafts = out.num_draft_tokens - (previous.num_draft_tokens if previous else 0)
         accepted = out.num_accepted_tokens - (previous.num_accepted_tokens if previous else 0)
-        totals[0] += steps
-        totals[1] += drafts
-        totals[2] += accepted
         # accepted_per_depth sums to num_accepted_tokens and only grows: no accepted draft this
         # step (every plain step), no depth moved
         before = previous.accepted_per_depth if previous else []
@@ -200,3 +196,4 @@ class ServerMetrics:
             delta = count - (before[depth] if depth < len(before) else 0)
             if delta:
                 self.spec_accepted_per_depth.labels(str(depth + 1)).inc(delta)
+        return steps, drafts, accepted
