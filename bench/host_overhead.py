@@ -24,6 +24,12 @@ the ``/metrics`` counters divide into); each figure is the median over rounds of
 mean (the machine's load moves single rounds). ``--model tiny`` (the default) is a 2-layer Llama
 shape with RANDOM weights and the default model's tokenizer, so the host's work dominates.
 ``--cprofile``: also the functions whose own time per step (all kinds) differs most from off.
+
+``--stub-forward``: the target's forward replaced by a stub returning fixed logits (``stub_forward``),
+so the verify phase holds no model work and only the host's work is timed (drafters that read the
+target's hidden states cannot run on it). ``--propose-calls N``: also ``propose`` on a plain step of
+``--batch-size`` sequences (every one with one slot: no draft requested), per engine, the minimum
+over 7 timings of N calls, in microseconds per call.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ import argparse
 import statistics
 import sys
 import time
+import timeit
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -47,6 +55,7 @@ from specserve.config import (
     SpeculativeConfig,
 )
 from specserve.engine.llm_engine import LLMEngine
+from specserve.engine.speculative import propose
 from specserve.models.config import LlamaArchConfig
 from specserve.models.loader import (
     LoadedModel,
@@ -59,6 +68,7 @@ from specserve.models.loader import (
 from specserve.server.metrics import ServerMetrics
 
 PHASES = ("draft", "verify", "other", "loop")
+PROPOSE_REPEATS = 7  # timings of --propose-calls calls each; the minimum is reported
 
 
 def tiny_model(config: ModelConfig) -> LoadedModel:
@@ -73,6 +83,41 @@ def tiny_model(config: ModelConfig) -> LoadedModel:
     return LoadedModel(model=random_model(arch, device, dtype), tokenizer=tokenizer, arch=arch,
                        name="tiny-random-2x64", device=device, dtype=dtype, max_model_len=2048,
                        eos_token_ids=eos)
+
+
+def stub_forward(vocab_size: int, device: torch.device) -> Callable[..., tuple[torch.Tensor, None]]:
+    """A ``ModelRunner.run`` stand-in: logits [len(rows), vocab] float32 on ``device``, zero but for
+    a 1 at a token that varies by row (the same tokens every call), and no hidden states."""
+    def run(items, rows, return_hidden=False, features=None, input_ids=None):
+        index = torch.arange(len(rows), device=device)
+        logits = torch.zeros(len(rows), vocab_size, device=device)
+        logits[index, (index * 7919 % 3000 + 300) % vocab_size] = 1.0
+        return logits, None
+    return run
+
+
+def stub_engine(engine: LLMEngine, name: str) -> None:
+    """Replace the engine's target forward by ``stub_forward``; ValueError if its drafters read
+    the target's hidden states (the stub has none)."""
+    if engine.drafter is not None and engine.drafter.needs_target_states:
+        raise ValueError(f"--stub-forward returns no hidden states, and the drafters of {name!r} read them")
+    engine.runner.run = stub_forward(engine.loaded.arch.vocab_size, engine.loaded.device)
+
+
+def time_propose(engine: LLMEngine, prompts: list[list[int]], batch_size: int, max_tokens: int,
+                 calls: int) -> float:
+    """Microseconds per ``propose`` call on a plain step of ``batch_size`` new requests (every
+    sequence with one slot: no draft requested), the minimum over ``PROPOSE_REPEATS`` timings of
+    ``calls`` calls; the requests are aborted after."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    ids = [engine.add_request(prompts[i % len(prompts)], params) for i in range(batch_size)]
+    seqs, slots = [engine.sequences[i] for i in ids], [1] * batch_size
+    try:
+        seconds = min(timeit.repeat(lambda: propose(engine.drafter, seqs, slots), number=calls, repeat=PROPOSE_REPEATS))
+    finally:
+        for request_id in ids:
+            engine.abort(request_id)
+    return 1e6 * seconds / calls
 
 
 def request_lengths(num_requests: int, max_tokens: int) -> list[int]:
@@ -155,10 +200,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=128, help="mean tokens per request (x 7/8)")
     parser.add_argument("--rounds", type=int, default=3, help="measured rounds (after one warm-up round)")
     parser.add_argument("--cprofile", action="store_true", help="also cProfile one round of each engine")
+    parser.add_argument("--stub-forward", action="store_true",
+                        help="replace the target's forward by fixed logits: time the host's work only")
+    parser.add_argument("--propose-calls", type=int, default=0, metavar="N",
+                        help="also time propose on a plain step, N calls a timing (default 0: not timed)")
     parser.add_argument("--out", default=None, help="JSON file (default: bench/results/host_overhead_<device>.json)")
     args = parser.parse_args(argv)
     if min(args.batch_size, args.num_requests, args.max_tokens, args.rounds) < 1:
         parser.error("--batch-size, --num-requests, --max-tokens and --rounds must be positive")
+    if args.propose_calls < 0:
+        parser.error("--propose-calls must be 0 (not timed) or more")
     torch.set_num_threads(1)
     model_config = ModelConfig(model=None if args.model in ("tiny", "default") else args.model, device=args.device)
     loaded = tiny_model(model_config) if args.model == "tiny" else load_model(model_config)
@@ -169,6 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, spec in (("off", SpeculativeConfig()), (args.spec, SpeculativeConfig.parse(args.spec))):
         engines[name] = LLMEngine(EngineConfig(model=model_config, cache=CacheConfig(kv_cache_memory_gb=0.5),
                                                speculative=spec), loaded=loaded)
+        if args.stub_forward:
+            try:
+                stub_engine(engines[name], name)
+            except ValueError as exc:
+                parser.error(str(exc))
     rounds: dict[str, list] = {name: [] for name in engines}
     for index in range(1 + args.rounds):
         for name, engine in engines.items():
@@ -179,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in rounds.items():  # the batch full: a per-step comparison of the same work
         results[name]["plain full"] = summarize(r, ("plain",), args.batch_size)
 
-    print(f"{loaded.name} on {loaded.device}, {args.num_requests} requests, {args.batch_size} in flight, "
+    forward = ", forward stubbed" if args.stub_forward else ""
+    print(f"{loaded.name} on {loaded.device}{forward}, {args.num_requests} requests, {args.batch_size} in flight, "
           f"{args.rounds} rounds; ms per step (median over rounds of the round's mean)")
     print(f"{'engine':<12}{'steps':<10}{'n/round':>8}" + "".join(f"{p:>9}" for p in PHASES) + f"{'host':>9}")
     for name, kinds in results.items():
@@ -192,6 +249,13 @@ def main(argv: list[str] | None = None) -> int:
         if off["host"] is not None and other["host"] is not None:
             print(f"{kind} steps, host work (draft + other + loop), {args.spec} - off: "
                   f"{other['host'] - off['host']:+.3f} ms per step")
+
+    propose_us = None  # engine -> us per propose call on a plain step of --batch-size sequences
+    if args.propose_calls:
+        propose_us = {name: time_propose(engine, prompts, args.batch_size, args.max_tokens, args.propose_calls)
+                      for name, engine in engines.items()}
+        print(f"propose, {args.batch_size} sequences, plain step (us per call, min of {PROPOSE_REPEATS} x "
+              f"{args.propose_calls} calls): " + ", ".join(f"{name} {us:.1f}" for name, us in propose_us.items()))
 
     profile = None
     if args.cprofile:
@@ -206,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"    {key:<60}{calls:+9.1f} calls{ms:+9.4f} ms")
 
     payload = {"benchmark": "host_overhead", "config": vars(args), "environment": environment(),
-               "model": loaded.name, "results": results,
+               "model": loaded.name, "results": results, "propose_plain_us": propose_us,
                # --cprofile: (function, calls per step, own ms per step), drafting engine minus off
                "cprofile_own_per_step": None if profile is None else [
                    {"function": key, "calls": round(calls, 2), "ms": round(ms, 4)} for key, calls, ms in profile]}
