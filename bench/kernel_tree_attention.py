@@ -34,7 +34,7 @@ if not torch.cuda.is_available():
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
-from kernels.tree_attention import select_launch_config, tree_attention  # noqa: E402
+from specserve_kernels.tree_attention import select_launch_config, tree_attention  # noqa: E402
 
 MODEL_SHAPES = {  # head_dim -> (num_heads, num_kv_heads)
     64: (9, 3),  # SmolLM2-135M

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels.reference import tree_ancestor_mask
+from specserve_kernels.reference import tree_ancestor_mask
 
 LONG_TREE = 16  # trees longer than this (prefill chunks) get a group of their own
 

@@ -2,7 +2,8 @@
 
 Every sequence s brings ``prefix_lens[s]`` committed tokens and a token tree of ``tree_lens[s]``
 new tokens whose K/V already sit at logical positions ``prefix_lens[s] + i``. Tree token i attends
-to the whole prefix and to itself and its ancestors (see ``kernels.reference.tree_attention_ref``).
+to the whole prefix and to itself and its ancestors (see
+``specserve_kernels.reference.tree_attention_ref``).
 
 Work decomposition::
 

@@ -7,13 +7,13 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.cpu_tree_attention import build_dense_plan
 from specserve.cache.kv_cache import KVCache
 from specserve.cache.kv_cache_manager import KVCacheManager
 from specserve.engine.cuda_graphs import GraphBuckets, GraphRunner
 from specserve.models.attention import AttentionMetadata
 from specserve.models.llama import LlamaForCausalLM
 from specserve.tree import TokenTree
+from specserve_kernels.cpu_tree_attention import build_dense_plan
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.cpu_tree_attention import DenseAttentionPlan, dense_tree_attention
+from specserve_kernels.cpu_tree_attention import DenseAttentionPlan, dense_tree_attention
 
 
 @dataclass(frozen=True)
@@ -44,21 +44,21 @@ class AttentionBackend:
         """Compile every kernel variant the engine's steps can need (none off CUDA); the count."""
         if not self.compiles or device.type != "cuda":
             return 0
-        from kernels.tree_attention import compile_variants
+        from specserve_kernels.tree_attention import compile_variants
 
         return compile_variants(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, block_size, max_context_len,
                                 dtype, device)
 
 
 def _triton(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    from kernels.tree_attention import tree_attention
+    from specserve_kernels.tree_attention import tree_attention
 
     return tree_attention(q, k_cache, v_cache, meta.block_tables, meta.prefix_lens, meta.tree_lens,
                           meta.tree_parents, scale)
 
 
 def _reference(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    from kernels.reference import tree_attention_ref
+    from specserve_kernels.reference import tree_attention_ref
 
     return tree_attention_ref(q, k_cache, v_cache, meta.block_tables, meta.prefix_lens,
                               meta.tree_lens, meta.tree_parents, scale)

@@ -25,12 +25,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.rms_norm import MAX_HIDDEN_SIZE, add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref
-from kernels.rope_kv import rope_kv, rope_kv_ref
-from kernels.silu_mul import silu_mul, silu_mul_ref
 from specserve.models.attention import AttentionBackend, AttentionMetadata
 from specserve.models.config import LlamaArchConfig
 from specserve.models.rope import rope_cos_sin
+from specserve_kernels.rms_norm import (
+    MAX_HIDDEN_SIZE,
+    add_rms_norm,
+    add_rms_norm_ref,
+    rms_norm,
+    rms_norm_ref,
+)
+from specserve_kernels.rope_kv import rope_kv, rope_kv_ref
+from specserve_kernels.silu_mul import silu_mul, silu_mul_ref
 
 
 class RMSNorm(nn.Module):

@@ -24,18 +24,10 @@ def load_tokenizer(source: ModelSource, cache_dir: Path | None):
                 str(source.path.parent), gguf_file=source.path.name
             )
     except Exception as exc:
-        raise ModelLoadError(f"cannot load the tokenizer of {source.path}: {exc}{_hint(exc)}") from None
+        raise ModelLoadError(f"cannot load the tokenizer of {source.path}: {exc}") from None
     if cache_dir is not None:
         try:
             tokenizer.save_pretrained(str(cache_dir))
         except OSError:
             pass  # a read-only cache only costs the conversion next time
     return tokenizer
-
-
-def _hint(exc: Exception) -> str:
-    """What to do about a known environment clash, or nothing."""
-    if isinstance(exc, ImportError) and "from 'kernels'" in str(exc):
-        # transformers >= 5.25 imports Hugging Face's `kernels`; our top-level `kernels/` shadows it
-        return " (transformers 5.25 or newer clashes with specserve's own `kernels` package: install transformers<5.25, as pyproject.toml pins)"
-    return ""

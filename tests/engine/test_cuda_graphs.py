@@ -16,7 +16,6 @@ import torch
 
 from draft_models.base import DraftRequest
 from draft_models.model_drafter import ModelDrafter
-from kernels.tree_attention import LaunchConfig, launch_tree_attention
 from specserve.cache.kv_cache import KVCache
 from specserve.cache.kv_cache_manager import KVCacheManager
 from specserve.cli.args import add_engine_args, engine_config_from_args
@@ -28,6 +27,7 @@ from specserve.models.config import LlamaArchConfig
 from specserve.models.llama import LlamaForCausalLM
 from specserve.models.loader import LoadedModel
 from specserve.tree import TokenTree
+from specserve_kernels.tree_attention import LaunchConfig, launch_tree_attention
 
 BLOCK_SIZE = 4
 NUM_BLOCKS = 32  # the pool; the caches hold one more, the dummy block 32

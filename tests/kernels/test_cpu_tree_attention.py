@@ -5,8 +5,8 @@ import random
 import pytest
 import torch
 
-from kernels.cpu_tree_attention import build_dense_plan, dense_tree_attention
-from kernels.reference import tree_attention_ref
+from specserve_kernels.cpu_tree_attention import build_dense_plan, dense_tree_attention
+from specserve_kernels.reference import tree_attention_ref
 
 
 def random_parents(rng: random.Random, tree_len: int, shape: str) -> list[int]:

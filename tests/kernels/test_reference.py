@@ -12,7 +12,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from kernels.reference import dense_tree_attention, tree_attention_ref  # noqa: E402
+from specserve_kernels.reference import dense_tree_attention, tree_attention_ref  # noqa: E402
 
 
 def random_parents(num_tokens: int, generator: torch.Generator) -> list[int]:

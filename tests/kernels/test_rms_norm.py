@@ -1,4 +1,4 @@
-"""kernels.rms_norm against its reference (Triton's interpreter on the CPU)."""
+"""specserve_kernels.rms_norm against its reference (Triton's interpreter on the CPU)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from kernels.rms_norm import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref  # noqa: E402
+from specserve_kernels.rms_norm import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -1,4 +1,4 @@
-"""kernels.rope_kv against its reference: rotated q, and the cache after the K/V write
+"""specserve_kernels.rope_kv against its reference: rotated q, and the cache after the K/V write
 (Triton's interpreter on the CPU)."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from kernels.rope_kv import rope_kv, rope_kv_ref  # noqa: E402
 from specserve.models.config import RopeScaling  # noqa: E402
 from specserve.models.rope import rope_cos_sin  # noqa: E402
+from specserve_kernels.rope_kv import rope_kv, rope_kv_ref  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -1,4 +1,4 @@
-"""kernels.silu_mul against its reference (Triton's interpreter on the CPU)."""
+"""specserve_kernels.silu_mul against its reference (Triton's interpreter on the CPU)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from kernels import silu_mul as module  # noqa: E402
-from kernels.silu_mul import silu_mul, silu_mul_ref  # noqa: E402
+from specserve_kernels import silu_mul as module  # noqa: E402
+from specserve_kernels.silu_mul import silu_mul, silu_mul_ref  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

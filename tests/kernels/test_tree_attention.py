@@ -18,8 +18,8 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from kernels.reference import tree_attention_ref  # noqa: E402
-from kernels.tree_attention import (  # noqa: E402
+from specserve_kernels.reference import tree_attention_ref  # noqa: E402
+from specserve_kernels.tree_attention import (  # noqa: E402
     LaunchConfig,
     _reduce_splits_kernel,
     _tree_attention_kernel,

@@ -1,1 +1,0 @@
-"""Attention kernels: each Triton kernel lives beside a plain PyTorch reference of the same signature."""
