@@ -10,7 +10,8 @@
     teacher   one batched forward of the target over prompt + continuation: its final hidden
               state and argmax at every generated position.
     train     draft k: KL(target || draft) + CE on the target's argmax (draft_models/distill.py),
-              on prompts reweighted by collective boost-tuning for k > 1 (draft_models/boost.py);
+              on prompts reweighted by collective boost-tuning for k > 1 (draft_models/boost.py),
+              and for k = 1 too against saved drafts named by ``--boost-against``;
               a feature draft (``--feature``) also reads the target's states, unrolled over
               several depths.
     evaluate  teacher-forced agreement, simulated chain/tree acceptance and the engine's real
@@ -23,6 +24,7 @@ minute on two CPU cores (after the target loads) for tests.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -45,11 +47,14 @@ from draft_models.distill_data import (
     write_samples,
 )
 from draft_models.evaluate import draft_ranks, engine_acceptance, heldout_metrics
+from draft_models.feature_draft import FeatureDraft
 from draft_models.parallel_generate import generate_samples_parallel
 from draft_models.small_draft import (
     WEIGHTS_DIR,
     DraftSpec,
     build_draft_model,
+    load_draft,
+    resolve_draft_folder,
     save_draft,
     write_manifest,
 )
@@ -77,6 +82,7 @@ class RunConfig:
     validation_every: int = 20
     num_sampled: int = 2
     temperature: float = 0.7
+    data_seed: int = 0  # the sampled continuations' seeds (part of their cache key); --seed is training's
     max_new_tokens: int = 192
     gen_batch: int = 128  # sequences per engine
     gen_workers: int = 1  # engine processes sharing the device (draft_models/parallel_generate.py)
@@ -91,6 +97,8 @@ class RunConfig:
     spec: DraftSpec = DraftSpec(num_layers=2, init_from_target_layers=(0, 1))
     train: TrainConfig = TrainConfig()
     boost_floor: float = 0.25
+    init_draft: str | None = None  # a saved draft to continue training from (build_draft_model)
+    boost_against: tuple[str, ...] = ()  # saved drafts the first draft is boosted against, as if trained earlier
     out_dir: str = str(WEIGHTS_DIR)
     name: str = "smollm2-draft"
     engine_eval: SpeculativeConfig | None = EVAL_TREE
@@ -117,6 +125,9 @@ def run(cfg: RunConfig, loaded: LoadedModel | None = None) -> list[dict[str, Any
     deadline = start + cfg.time_budget_min * 60
     target = loaded or load_model(ModelConfig(model=cfg.model, device=cfg.device, dtype=cfg.dtype, seed=cfg.train.seed))
     torch.manual_seed(cfg.train.seed)
+    if cfg.init_draft is not None:  # a bad --init-draft fails now, not after generation and teacher forcing
+        build_draft_model(cfg.spec, target, init_draft=cfg.init_draft)
+    earlier = [load_draft(name, target) for name in cfg.boost_against]  # (so does a bad --boost-against)
 
     # 1. prompts
     hand = read_prompts(cfg.train_prompts)[: cfg.max_train_prompts]
@@ -125,7 +136,7 @@ def run(cfg: RunConfig, loaded: LoadedModel | None = None) -> list[dict[str, Any
     heldout_prompts = read_prompts(cfg.heldout_prompts)[: cfg.max_heldout_prompts]
 
     # 2. generate (or reuse) the target's continuations
-    jobs = generation_jobs(train_prompts, heldout_prompts, cfg.num_sampled, cfg.temperature, cfg.train.seed)
+    jobs = generation_jobs(train_prompts, heldout_prompts, cfg.num_sampled, cfg.temperature, cfg.data_seed)
     gen_dtype = str(getattr(torch, cfg.samples_dtype)) if cfg.samples_dtype else str(target.dtype)
     key = samples_key(target, jobs, {"max_new_tokens": cfg.max_new_tokens, "dtype": gen_dtype})
     samples_path = Path(cfg.samples or cache_root() / "draft_samples" / f"samples-{key}.jsonl")
@@ -159,7 +170,8 @@ def run(cfg: RunConfig, loaded: LoadedModel | None = None) -> list[dict[str, Any
     if not train_set:
         raise SpecserveError("no training continuations were generated: raise --gen-budget-min")
     tf_start = time.perf_counter()
-    keep = cfg.spec.feature_input  # a feature draft reads the target's state at every position
+    # a feature draft (trained, or boosted against) reads the target's state at every position
+    keep = cfg.spec.feature_input or any(isinstance(d, FeatureDraft) for d in earlier)
     teacher = teacher_force(target, train_set, cfg.teacher_batch_tokens, keep)
     validation = teacher_force(target, val_set, cfg.teacher_batch_tokens, keep)
     heldout = teacher_force(target, heldout_set, cfg.teacher_batch_tokens, keep)
@@ -172,7 +184,7 @@ def run(cfg: RunConfig, loaded: LoadedModel | None = None) -> list[dict[str, Any
         "synthetic_prompts": {"topics_file": _rel(cfg.topics) if cfg.topics else None, "count": len(synthetic)},
         "heldout_prompts": {"file": _rel(cfg.heldout_prompts), "count": len(heldout_prompts)},
         "validation_prompts": sum(is_val),
-        "samples": {"file": str(samples_path), "key": key, **gen_stats,
+        "samples": {"file": str(samples_path), "key": key, "data_seed": cfg.data_seed, **gen_stats,
                     "num_greedy": sum(s.temperature == 0 for s in samples),
                     "num_sampled": sum(s.temperature > 0 for s in samples), "temperature": cfg.temperature},
         "train_sequences": teacher.num_seqs, "train_rows": teacher.cu_rows[-1],
@@ -182,12 +194,16 @@ def run(cfg: RunConfig, loaded: LoadedModel | None = None) -> list[dict[str, Any
 
     # 4-5. train, evaluate and save each draft; later drafts boosted towards earlier misses
     prompt_weights = [1.0] * len(train_prompts)
-    train_ranks: list[list[torch.Tensor]] = []
+    train_ranks = [top1_ranks(d, teacher, cfg.train.batch_tokens) for d in earlier]
+    if train_ranks:
+        prompt_weights = boost_weights(prompt_coverage(train_ranks, teacher.prompt_index, len(train_prompts)),
+                                       cfg.boost_floor)
+    del earlier
     manifests = []
     for k in range(cfg.num_drafts):
         drafts_left = cfg.num_drafts - k
         limit = max(1.0, (deadline - time.perf_counter() - cfg.eval_reserve_s * drafts_left) / drafts_left)
-        draft = build_draft_model(cfg.spec, target, seed=cfg.train.seed + k)
+        draft = build_draft_model(cfg.spec, target, seed=cfg.train.seed + k, init_draft=cfg.init_draft)
         seq_weights = torch.tensor([prompt_weights[p] for p in teacher.prompt_index], dtype=torch.float64)
         train_cfg = replace(cfg.train, seed=cfg.train.seed + k)
         result = train_draft(draft, cfg.spec, target, teacher, seq_weights, validation, train_cfg, limit)
@@ -211,11 +227,17 @@ def run(cfg: RunConfig, loaded: LoadedModel | None = None) -> list[dict[str, Any
              f"{metrics['chain_mean_accepted_length']['8']}, engine {metrics['engine'].get('mean_accepted_length')}")
         manifests.append(manifest)
         if k + 1 < cfg.num_drafts:
-            train_ranks.append(draft_ranks(draft, teacher, cfg.train.batch_tokens))
+            train_ranks.append(top1_ranks(draft, teacher, cfg.train.batch_tokens))
             coverage = prompt_coverage(train_ranks, teacher.prompt_index, len(train_prompts))
             prompt_weights = boost_weights(coverage, cfg.boost_floor)
         del draft
     return manifests
+
+
+def top1_ranks(draft, teacher, batch_tokens: int) -> list[torch.Tensor]:
+    """Per sequence [rows]: the rank of the target's top-1 in the draft's guess for each row,
+    at depth 1 for a feature draft (reading the target's real state), as boosting counts it."""
+    return [r[0] if r.dim() == 2 else r for r in draft_ranks(draft, teacher, batch_tokens, num_depths=1)]
 
 
 def _manifest(cfg: RunConfig, k: int, data: dict, prompt_weights: list[float], result, metrics: dict,
@@ -226,11 +248,13 @@ def _manifest(cfg: RunConfig, k: int, data: dict, prompt_weights: list[float], r
     return {
         "draft": f"{cfg.name}-{k + 1}", "index": k + 1, "num_drafts": cfg.num_drafts,
         "target": {"name": target.name, "device": str(target.device), "dtype": str(target.dtype)},
-        "spec": cfg.spec.to_dict(), "data": data, "seed": cfg.train.seed + k,
+        "spec": cfg.spec.to_dict(), "init_draft": _init_draft_info(cfg.init_draft), "data": data,
+        "seed": cfg.train.seed + k,
         "boost": {
             "rule": "weight_p = floor + (1 - floor) * miss_p / mean(miss); miss_p = 1 - share of prompt p's "
                     "rows where any earlier draft's top-1 is the target's (draft_models/boost.py)",
-            "floor": cfg.boost_floor, "earlier_drafts": k,
+            "floor": cfg.boost_floor, "earlier_drafts": k + len(cfg.boost_against),
+            "boosted_against": [_rel(str(resolve_draft_folder(n))) for n in cfg.boost_against],
             "weight_min": round(min(weights), 4), "weight_max": round(max(weights), 4),
         },
         "training": {
@@ -247,6 +271,17 @@ def _manifest(cfg: RunConfig, k: int, data: dict, prompt_weights: list[float], r
         "environment": environment(),
         "command": " ".join(["python -m draft_models.train", *cfg.argv]),
     }
+
+
+def _init_draft_info(init_draft: str | None) -> dict[str, Any] | None:
+    """Where a warm-started draft began: the saved draft and how long it had trained."""
+    if init_draft is None:
+        return None
+    folder = resolve_draft_folder(init_draft)
+    manifest = json.loads((folder / "manifest.json").read_text()) if (folder / "manifest.json").is_file() else {}
+    training = manifest.get("training", {})
+    return {"folder": _rel(str(folder)), "draft": manifest.get("draft"), "steps": training.get("steps"),
+            "training_s": manifest.get("wall_s", {}).get("training"), "command": manifest.get("command")}
 
 
 def _rel(path: str | None) -> str | None:

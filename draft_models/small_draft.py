@@ -129,11 +129,19 @@ def own_tensors(draft: LlamaForCausalLM, spec: DraftSpec) -> dict[str, torch.Ten
 
 
 @torch.no_grad()
-def build_draft_model(spec: DraftSpec, target: LoadedModel, seed: int = 0) -> LlamaForCausalLM:
+def build_draft_model(
+    spec: DraftSpec, target: LoadedModel, seed: int = 0, init_draft: str | Path | None = None
+) -> LlamaForCausalLM:
     """A new draft for ``target``: layers copied from the chosen target layers or random
     (normal 0.02, seeded), its own final norm (a copy of the target's when sizes agree). A
-    feature draft's ``fc`` starts as [identity | 0] (it first reads the token alone, as a
-    token-level draft does) plus that noise on the state half."""
+    feature draft's ``fc`` starts as [identity | 0]: it first reads the token alone, exactly as
+    a token-level draft with the same layers does. (The state half is zero, not noise: the
+    target's final-norm states are ~16x the embeddings in scale (SmolLM2: rms 2.0 against
+    0.13), so even 0.02 noise there drowned the token the copied layers expect.)
+
+    ``init_draft``: a saved draft (folder or name) whose layers, final norm and, when both are
+    feature drafts, ``fc`` replace the above: training continues from it (warm start). Its
+    layers must have this spec's shapes."""
     arch = spec.arch_for(target.arch)
     draft = _assemble(arch, spec, target)
     generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -148,9 +156,28 @@ def build_draft_model(spec: DraftSpec, target: LoadedModel, seed: int = 0) -> Ll
         draft.norm.weight.copy_(target.model.norm.weight)
     if spec.feature_input:
         hidden = arch.hidden_size
+        draft.fc.weight.zero_()
         draft.fc.weight[:, :hidden].copy_(torch.eye(hidden))
         draft.fc.bias.zero_()
+    if init_draft is not None:
+        _warm_start(draft, spec, target, init_draft)
     return draft
+
+
+def _warm_start(draft: LlamaForCausalLM, spec: DraftSpec, target: LoadedModel, init_draft: str | Path) -> None:
+    """Copy a saved draft's own tensors (all but ``fc`` when it is not a feature draft) into ``draft``."""
+    saved = load_draft(init_draft, target)
+    _, saved_spec, _ = read_draft_config(resolve_draft_folder(init_draft))
+    ours, theirs = own_tensors(draft, spec), own_tensors(saved, saved_spec)
+    wanted = [name for name in ours if not (name.startswith("fc.") and not saved_spec.feature_input)]
+    for name in wanted:
+        if name not in theirs or tuple(theirs[name].shape) != tuple(ours[name].shape):
+            raise SpecserveError(
+                f"--init-draft {str(init_draft)!r} does not fit this draft's shape ({name} is "
+                f"{tuple(theirs[name].shape) if name in theirs else 'missing'} there, {tuple(ours[name].shape)} "
+                "here): give --num-layers and sizes equal to that draft's"
+            )
+        ours[name].copy_(theirs[name])
 
 
 def embedding_fingerprint(weight: torch.Tensor) -> dict[str, Any]:

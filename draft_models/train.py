@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-layers", type=int, default=d.spec.num_layers)
     p.add_argument("--intermediate-size", type=int, default=None)
     p.add_argument("--init-layers", default="0,1", help="target layers to start from, e.g. 0,1, or 'none'")
+    p.add_argument("--init-draft", default=None,
+                   help="continue training from this saved draft (folder or name; same layer shapes)")
+    p.add_argument("--boost-against", action="append", default=[], metavar="DRAFT",
+                   help="collective boost-tuning against a saved draft (repeatable): the first draft "
+                        "trained here weights prompts by what these drafts miss")
     p.add_argument("--no-share-embedding", action="store_true")
     p.add_argument("--feature", action="store_true",
                    help="a feature-level (EAGLE-style) draft that also reads the target's hidden states")
@@ -76,7 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=t.weight_decay)
     p.add_argument("--ce-weight", type=float, default=t.ce_weight)
     p.add_argument("--eval-every", type=int, default=t.eval_every)
-    p.add_argument("--seed", type=int, default=t.seed)
+    p.add_argument("--seed", type=int, default=t.seed,
+                   help="training: initial noise and batch order (the continuations keep --data-seed's)")
+    p.add_argument("--data-seed", type=int, default=d.data_seed,
+                   help="seeds of the sampled continuations (another value generates, and caches, others)")
     p.add_argument("--boost-floor", type=float, default=d.boost_floor)
     p.add_argument("--out-dir", default=d.out_dir)
     p.add_argument("--name", default=d.name, help="drafts are written to OUT_DIR/NAME-1, NAME-2, ...")
@@ -108,11 +116,13 @@ def config_from_args(argv: list[str]) -> RunConfig:
         topics=None if args.topics in (None, "", "none") else args.topics,
         max_train_prompts=args.max_train_prompts, max_heldout_prompts=args.max_heldout_prompts,
         validation_every=args.validation_every, num_sampled=args.num_sampled, temperature=args.temperature,
+        data_seed=args.data_seed,
         max_new_tokens=args.max_new_tokens, gen_batch=args.gen_batch, gen_workers=args.gen_workers, samples=args.samples,
         samples_dtype=args.samples_dtype,
         regenerate=args.regenerate, time_budget_min=args.time_budget_min, gen_budget_min=args.gen_budget_min,
         eval_reserve_s=args.eval_reserve_s, teacher_batch_tokens=args.teacher_batch_tokens,
-        num_drafts=args.num_drafts, spec=spec, train=train, boost_floor=args.boost_floor,
+        num_drafts=args.num_drafts, spec=spec, train=train, boost_floor=args.boost_floor, init_draft=args.init_draft,
+        boost_against=tuple(args.boost_against),
         out_dir=args.out_dir, name=args.name, engine_eval=engine_eval, argv=tuple(argv),
     )
 

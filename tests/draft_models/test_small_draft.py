@@ -146,3 +146,31 @@ def test_every_committed_draft_loads_for_the_default_model(smollm, name):
     assert isinstance(draft, FeatureDraft) == bool(spec.get("feature_input"))
     assert draft.cfg.num_layers == spec["num_layers"]
     assert (folder / "model.safetensors").stat().st_size < MAX_WEIGHTS_BYTES
+
+
+def test_feature_draft_warm_started_from_a_token_draft_reads_only_the_token(smollm, saved):
+    """--init-draft: a feature draft built on a saved token draft starts as exactly that draft
+    (fc = [identity | 0]: the target's state, however large, adds nothing yet), layers and
+    norm copied, fc left as built."""
+    from draft_models.dense_forward import causal_hidden, feature_passes
+
+    token_draft, folder = saved
+    spec = DraftSpec(num_layers=1, feature_input=True)
+    feature = build_draft_model(spec, smollm, seed=5, init_draft=folder)
+    for name, tensor in own_tensors(token_draft, DraftSpec(num_layers=1)).items():
+        assert torch.equal(own_tensors(feature, spec)[name], tensor), name
+    assert torch.count_nonzero(feature.fc.weight[:, 576:]) == 0 and torch.count_nonzero(feature.fc.bias) == 0
+    ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 2]])
+    states = torch.randn(1, 7, 576) * 40.0  # far larger than any real state
+    with torch.no_grad():
+        (first,) = feature_passes(feature, ids, states, 1)
+        assert torch.equal(first, causal_hidden(token_draft, ids))
+
+
+def test_warm_start_refuses_a_draft_of_another_shape(smollm, saved):
+    _, folder = saved
+    with pytest.raises(SpecserveError, match="does not fit this draft's shape") as info:
+        build_draft_model(DraftSpec(num_layers=2), smollm, init_draft=folder)
+    assert "--num-layers" in str(info.value)
+    with pytest.raises(ModelLoadError, match="was not found"):
+        build_draft_model(DraftSpec(num_layers=1), smollm, init_draft=folder.parent / "absent")

@@ -70,17 +70,30 @@ def test_saved_tiny_draft_loads_and_samples_are_reused(tiny_run, smollm, monkeyp
         pipeline.run(replace(cfg, stage="generate", samples_dtype="bfloat16"), loaded=smollm)
     with pytest.raises(SpecserveError, match="--samples-dtype must be"):
         replace(cfg, samples_dtype="int8")
+    # --seed is training's alone: another seed reuses the continuations; --data-seed's are others
+    assert pipeline.run(replace(cfg, stage="generate", train=replace(cfg.train, seed=5)), loaded=smollm) == []
+    with pytest.raises(AssertionError, match="should have been reused"):
+        pipeline.run(replace(cfg, stage="generate", data_seed=1), loaded=smollm)
+    with pytest.raises(SpecserveError, match="was not found"):  # before any generation
+        pipeline.run(replace(cfg, boost_against=(str(folder / "absent"),)), loaded=smollm)
 
 
 def test_tiny_feature_draft_run(tiny_run, smollm):
-    """--feature: a feature draft trained unrolled (reusing the tiny run's continuations); its
-    held-out figures come per depth and the engine runs it with greedy output unchanged."""
-    _, _, folder = tiny_run
+    """--feature: a feature draft trained unrolled (reusing the tiny run's continuations),
+    warm-started from the tiny token draft (--init-draft, named in the manifest); its held-out
+    figures come per depth and the engine runs it with greedy output unchanged."""
+    _, manifests, folder = tiny_run
     argv = ["--device", "cpu", "--tiny", "--feature", "--feature-passes", "2", "--name", "tiny-feature",
-            "--out-dir", str(folder), "--samples", str(folder / "samples.jsonl")]
+            "--out-dir", str(folder), "--samples", str(folder / "samples.jsonl"),
+            "--init-draft", str(folder / "tiny-draft-1"), "--boost-against", str(folder / "tiny-draft-1")]
     cfg = config_from_args(argv)
     assert cfg.spec.feature_input and cfg.train.feature_passes == 2
     (manifest,) = run(cfg, loaded=smollm)
+    assert manifests[0]["init_draft"] is None
+    assert manifest["init_draft"]["draft"] == "tiny-draft-1" and manifest["init_draft"]["steps"] == 12
+    boost = manifest["boost"]  # boosted against the saved draft as if it had trained first in this run
+    assert boost["earlier_drafts"] == 1 and boost["boosted_against"] == [str(folder / "tiny-draft-1")]
+    assert boost["weight_max"] == manifests[1]["boost"]["weight_max"] > 1.0
     assert manifest["data"]["samples"]["reused_from_cache"] is True
     training = manifest["training"]
     assert training["final_loss"] < training["first_loss"] and training["feature_passes"] == 2
