@@ -279,6 +279,7 @@ class LLMEngine:
                 middle_chunks.append(s)
         logit_rows += list(range(row, row + sum(t.num_nodes for t in trees)))
         wants_states = self.drafter is not None and self.drafter.needs_target_states
+        eager_before = self.runner.num_eager_runs
         logits, hidden = self.runner.run(items, logit_rows, return_hidden=wants_states)
         if wants_states:  # a prefill chunk's K/V are all committed: so are its states
             item_starts = [0]  # first row of each item
@@ -358,6 +359,7 @@ class LLMEngine:
             total_s=total_s,
             gate_open=gate_open,
             num_prefills=len(prefills),
+            eager_forward=self.runner.num_eager_runs > eager_before,
         )
         return outputs
 

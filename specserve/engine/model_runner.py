@@ -95,6 +95,7 @@ class ModelRunner:
         self.kv_manager = kv_manager
         self.num_layers = num_layers
         self.device = kv_cache.kv.device
+        self.num_eager_runs = 0  # forwards that fit no bucket and ran eagerly (with graph_buckets only)
         self.graphs = None if graph_buckets is None else GraphRunner(
             self.logits, model.attention, graph_buckets, kv_manager, kv_cache.kv.shape[2], self.device, capture,
             feature_size, kv_cache.kv.dtype, self._replay_hooks(),
@@ -144,8 +145,10 @@ class ModelRunner:
         if input_ids is not None and len(input_ids) != sum(item.tree.num_nodes for item in items):
             raise ValueError(f"input_ids has {len(input_ids)} tokens for a step of "
                              f"{sum(item.tree.num_nodes for item in items)}")
-        if self.graphs is not None and self.graphs.bucket_for(items) is not None:
-            return self.graphs.run(items, logit_rows, return_hidden, features, input_ids)
+        if self.graphs is not None:
+            if self.graphs.bucket_for(items) is not None:
+                return self.graphs.run(items, logit_rows, return_hidden, features, input_ids)
+            self.num_eager_runs += 1
         inputs = build_inputs(items, self.kv_manager, self.device, self.model.attention.needs_dense_plan)
         rows = torch.tensor(logit_rows, dtype=torch.int64).to(self.device, non_blocking=True)
         ids = inputs.input_ids if input_ids is None else input_ids.to(self.device, torch.int64)

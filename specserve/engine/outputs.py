@@ -52,6 +52,7 @@ class StepStats:
     total_s: float
     gate_open: bool = True  # False: the batch gate kept this decode step plain (``batch_gate``)
     num_prefills: int = 0  # prompt chunks in the step (a one-token chunk counts: a cached prompt's last token)
+    eager_forward: bool = False  # with CUDA graphs on: the target's forward fit no bucket and ran eagerly
 
     @property
     def is_decode(self) -> bool:

@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from specserve.engine.outputs import RequestOutput, StepStats
 
+STEP_KINDS = ("prefill", "drafting", "plain")  # StepStats.kind's values
 STEP_BUCKETS = (0.0005, 0.001, 0.0015, 0.002, 0.0025, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1,
                 0.25, 1.0)
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
@@ -86,10 +87,16 @@ class ServerMetrics:
             "specserve_engine_loop_seconds", "Engine-thread time between consecutive engine steps (commands "
             "such as admitting requests, metrics, handing outputs to the event loop); the gap after an idle "
             "wait, a failed step or one that scheduled nothing is left out.", registry=r)
-        for kind in ("prefill", "drafting", "plain"):  # every series shows from the start, at 0
+        for kind in STEP_KINDS:  # every series shows from the start, at 0
             self.engine_step_seconds.labels(kind)
         for phase in ("draft", "verify", "other"):
             self.engine_step_phase_seconds.labels(phase)
+        self.engine_eager_steps = Counter(
+            "specserve_engine_eager_steps", "Engine steps, by kind, whose target forward fit no CUDA-graph "
+            "bucket and ran eagerly (on a GPU about 10x a replayed step's cost); 0 without graphs.",
+            ["kind"], registry=r)
+        for kind in STEP_KINDS:
+            self.engine_eager_steps.labels(kind)
         self.spec_gate_closed_steps = Counter(
             "specserve_spec_decode_gate_closed_steps", "Decode steps in which the batch gate let no "
             "gated request draft: while drafting measures slower than plain steps at this batch size, "
@@ -133,6 +140,8 @@ class ServerMetrics:
         self.engine_step_phase_seconds.labels("draft").inc(stats.draft_s)
         self.engine_step_phase_seconds.labels("verify").inc(stats.verify_s)
         self.engine_step_phase_seconds.labels("other").inc(max(0.0, stats.total_s - stats.draft_s - stats.verify_s))
+        if stats.eager_forward:
+            self.engine_eager_steps.labels(stats.kind).inc()
         if stats.is_decode and not stats.gate_open:
             self.spec_gate_closed_steps.inc()
 

@@ -189,7 +189,7 @@ def test_decode_steps_reuse_a_bucket_with_fresh_inputs(model):
     next_ids = {seq_id: prompt[-1] for seq_id, prompt in prompts.items()}
     for _ in range(6):
         eager, padded, items = pair.step({s: TokenTree.chain([t]) for s, t in next_ids.items()})
-        assert pair.padded.graphs.bucket_for(items) == (8, 8)
+        assert pair.padded.graphs.bucket_for(items) == (8, 8) and pair.padded.num_eager_runs == 0
         assert torch.equal(padded, eager)
         for seq_id, token in zip(next_ids, eager.argmax(-1).tolist()):
             pair.lengths[seq_id] += 1
@@ -211,6 +211,7 @@ def test_steps_past_the_buckets_run_eagerly(model):
     assert pair.padded.graphs.bucket_for(items) is None
     assert torch.equal(padded, eager)
     assert not pair.kv(pair.padded)[:, :, DUMMY].any()
+    assert (pair.padded.num_eager_runs, pair.eager.num_eager_runs) == (1, 0)  # counted with graphs on only
 
 
 def test_a_model_drafter_proposes_the_same_trees_padded(model):

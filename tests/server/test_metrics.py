@@ -51,3 +51,16 @@ def test_one_call_sums_every_output_s_speculation_deltas():
     assert value("specserve_spec_decode_accepted_tokens_total") == 3.0
     assert value("specserve_spec_decode_mean_accepted_length") == 1.0 + 3 / 5
     assert per_depth(metrics) == [2.0, 1.0, None]
+
+
+def test_eager_steps_are_counted_by_kind():
+    """specserve_engine_eager_steps: steps whose target forward fit no CUDA-graph bucket."""
+    from specserve.engine.outputs import StepStats
+
+    metrics = ServerMetrics()
+    metrics.record_step(StepStats(2, 140, 0, 0.0, 0.0, 0.01, num_prefills=1, eager_forward=True))
+    metrics.record_step(StepStats(3, 3 + 9, 9, 0.0, 0.0, 0.01, eager_forward=True))
+    metrics.record_step(StepStats(3, 3, 0, 0.0, 0.0, 0.01))
+    counts = [metrics.registry.get_sample_value("specserve_engine_eager_steps_total", {"kind": kind})
+              for kind in ("prefill", "drafting", "plain")]
+    assert counts == [1.0, 1.0, 0.0]
