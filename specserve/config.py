@@ -88,10 +88,21 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     prefill_chunk_size: int = 512
+    # Admission hold (like TGI's waiting_served_ratio / max_waiting_tokens): while every running
+    # sequence decodes, waiting requests join only once ceil(prefill_hold_ratio * running) of
+    # them could (waiting, with room), or after prefill_hold_steps steps held, so that prompts
+    # ride in fewer steps. 0 steps: admit at once (the default).
+    prefill_hold_steps: int = 0
+    prefill_hold_ratio: float = 0.25
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
             raise SpecserveError(f"--max-num-seqs must be at least 1, not {self.max_num_seqs}")
+        if self.prefill_hold_steps < 0 or not 0 < self.prefill_hold_ratio <= 1:
+            raise SpecserveError(
+                f"--prefill-hold-steps must be at least 0 (not {self.prefill_hold_steps}) and "
+                f"--prefill-hold-ratio within (0, 1] (not {self.prefill_hold_ratio})"
+            )
         if self.prefill_chunk_size < 1 or self.max_num_batched_tokens < self.prefill_chunk_size:
             raise SpecserveError(
                 "--max-num-batched-tokens must be at least the prefill chunk size "

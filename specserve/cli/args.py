@@ -22,6 +22,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dtype", choices=DTYPES, default="auto")
     group.add_argument("--max-model-len", type=int, default=None, help="cap on prompt + generated tokens")
     group.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one step")
+    group.add_argument("--prefill-hold-steps", type=int, default=SchedulerConfig.prefill_hold_steps, metavar="N",
+                       help="while the batch decodes, hold new requests up to N steps so that several join in "
+                            "one step (default 0: admit at once)")
+    group.add_argument("--prefill-hold-ratio", type=float, default=SchedulerConfig.prefill_hold_ratio,
+                       metavar="R", help="with --prefill-hold-steps: admit once R x running requests wait")
     group.add_argument("--max-num-batched-tokens", type=int, default=2048, help="most tokens in one step")
     group.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     group.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks")
@@ -61,6 +66,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
             prefill_chunk_size=min(512, args.max_num_batched_tokens),
+            prefill_hold_steps=args.prefill_hold_steps,
+            prefill_hold_ratio=args.prefill_hold_ratio,
         ),
         speculative=SpeculativeConfig.parse(args.speculative_config),
     )

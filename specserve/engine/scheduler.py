@@ -3,13 +3,16 @@
 Each step every running sequence gets either its next prefill chunk (a chain of prompt
 tokens) or, once decoding, slots for a tree of 1 + ``seq.num_draft_slots`` tokens (its own
 speculation policy's budget, 0 while it does not draft). Waiting
-requests join as long as the token budget, ``max_num_seqs`` and the KV pool allow. When the
+requests join as long as the token budget, ``max_num_seqs`` and the KV pool allow (unless the
+admission hold, ``SchedulerConfig.prefill_hold_steps``, keeps them waiting a few steps to join
+together: each step that carries a prompt costs the running batch a slower step). When the
 pool runs dry the most recently admitted sequence is preempted (its blocks released, to be
 recomputed later: the request keeps every token it generated).
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
 
@@ -38,6 +41,7 @@ class Scheduler:
         self.kv = kv_manager
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_held_steps = 0  # consecutive steps the admission hold kept the queue waiting
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -65,6 +69,8 @@ class Scheduler:
         """``drafting`` False (the engine's batch gate is closed): decode sequences that may be
         switched off get slots for their root alone."""
         budget = self.cfg.max_num_batched_tokens
+        if self.num_held_steps < 0 or not self.waiting:
+            self.num_held_steps = 0
         scheduled: list[ScheduledSequence] = []
         copies: list[tuple[int, int]] = []
         preempted: list[Sequence] = []
@@ -89,7 +95,7 @@ class Scheduler:
             budget -= num_slots
             index += 1
 
-        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
+        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs and not self._hold():
             seq = self.waiting[0]
             if seq in preempted:
                 break  # do not readmit in the step that preempted it
@@ -107,3 +113,21 @@ class Scheduler:
             scheduled.append(ScheduledSequence(seq, num_slots, seq.is_prefilling))
             budget -= num_slots
         return SchedulerOutput(scheduled, copies, preempted)
+
+    def _hold(self) -> bool:
+        """True: keep the queue waiting this step (``SchedulerConfig.prefill_hold_steps``). Holds
+        only while every running sequence decodes; once ceil(ratio x running) requests could
+        join (waiting, and room for them), or after ``prefill_hold_steps`` held steps, every
+        request that fits joins in this step."""
+        if self.cfg.prefill_hold_steps == 0 or self.num_held_steps < 0:
+            return False  # off, or already released this step
+        if not self.running or any(seq.is_prefilling for seq in self.running):
+            self.num_held_steps = -1
+            return False
+        admissible = min(len(self.waiting), self.cfg.max_num_seqs - len(self.running))
+        enough = max(1, math.ceil(self.cfg.prefill_hold_ratio * len(self.running)))
+        if admissible >= enough or self.num_held_steps >= self.cfg.prefill_hold_steps:
+            self.num_held_steps = -1  # released: the rest of this step's admissions go ahead
+            return False
+        self.num_held_steps += 1
+        return True
