@@ -188,7 +188,8 @@ def train_draft(
     for p in own.values():
         p.data = p.data.float()
         p.requires_grad_(True)
-    scales = {name: fc_lr_scale(draft, teacher) if name.startswith("fc.") else 1.0 for name in own}
+    fc_scale = fc_lr_scale(draft, teacher) if isinstance(draft, FeatureDraft) else 1.0
+    scales = {name: fc_scale if name.startswith("fc.") else 1.0 for name in own}
     groups = [{"params": [own[n] for n in own if scales[n] == scale], "lr_scale": scale} for scale in set(scales.values())]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     use_autocast = target.dtype != torch.float32  # (a bf16 target on the CPU runs this path too)
@@ -252,6 +253,8 @@ def fc_lr_scale(draft: LlamaForCausalLM, teacher: TeacherSet) -> float:
     whose inputs are the target's final-norm states (SmolLM2: rms 2.0 against the embedding's
     0.13), would change the draft's input ~16x faster than the token half: warm-started from a
     token draft, the first steps drowned the token it reads (loss 3.0 -> 5.0 in the tiny run).
+    The whole of ``fc`` (one Parameter: its token half and bias too) takes the scaled rate,
+    which is how ``smollm2-feature11-1`` was trained; the layers keep the full rate.
     """
     embed_rms = draft.embed_tokens.weight.float().pow(2).mean().sqrt()
     sample = torch.cat([x.float() for x in teacher.states[:64]]) if teacher.states else teacher.hidden.float()

@@ -171,8 +171,9 @@ def run(cfg: RunConfig, loaded: LoadedModel | None = None) -> list[dict[str, Any
         raise SpecserveError("no training continuations were generated: raise --gen-budget-min")
     tf_start = time.perf_counter()
     # a feature draft (trained, or boosted against) reads the target's state at every position
-    keep = cfg.spec.feature_input or any(isinstance(d, FeatureDraft) for d in earlier)
-    teacher = teacher_force(target, train_set, cfg.teacher_batch_tokens, keep)
+    keep = cfg.spec.feature_input
+    keep_train = keep or any(isinstance(d, FeatureDraft) for d in earlier)  # (for their ranks only)
+    teacher = teacher_force(target, train_set, cfg.teacher_batch_tokens, keep_train)
     validation = teacher_force(target, val_set, cfg.teacher_batch_tokens, keep)
     heldout = teacher_force(target, heldout_set, cfg.teacher_batch_tokens, keep)
     teacher_s = time.perf_counter() - tf_start
@@ -199,6 +200,8 @@ def run(cfg: RunConfig, loaded: LoadedModel | None = None) -> list[dict[str, Any
         prompt_weights = boost_weights(prompt_coverage(train_ranks, teacher.prompt_index, len(train_prompts)),
                                        cfg.boost_floor)
     del earlier
+    if keep_train and not keep:  # a token draft trains: the states (GBs on a GPU) served the ranks alone
+        teacher = replace(teacher, states=None)
     manifests = []
     for k in range(cfg.num_drafts):
         drafts_left = cfg.num_drafts - k

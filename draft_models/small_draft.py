@@ -167,7 +167,13 @@ def build_draft_model(
 def _warm_start(draft: LlamaForCausalLM, spec: DraftSpec, target: LoadedModel, init_draft: str | Path) -> None:
     """Copy a saved draft's own tensors (all but ``fc`` when it is not a feature draft) into ``draft``."""
     saved = load_draft(init_draft, target)
-    _, saved_spec, _ = read_draft_config(resolve_draft_folder(init_draft))
+    saved_arch, saved_spec, _ = read_draft_config(resolve_draft_folder(init_draft))
+    if _layer_shape(saved_arch) != _layer_shape(draft.cfg) or saved_arch.num_layers != draft.cfg.num_layers:
+        raise SpecserveError(
+            f"--init-draft {str(init_draft)!r} does not fit this draft's shape ({saved_arch.num_layers} layers of "
+            f"{_layer_shape(saved_arch)} there, {draft.cfg.num_layers} of {_layer_shape(draft.cfg)} here as "
+            "(hidden, intermediate, heads, kv heads, head dim)): give --num-layers and sizes equal to that draft's"
+        )
     ours, theirs = own_tensors(draft, spec), own_tensors(saved, saved_spec)
     wanted = [name for name in ours if not (name.startswith("fc.") and not saved_spec.feature_input)]
     for name in wanted:

@@ -98,11 +98,10 @@ class SchedulerConfig:
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
             raise SpecserveError(f"--max-num-seqs must be at least 1, not {self.max_num_seqs}")
-        if self.prefill_hold_steps < 0 or not 0 < self.prefill_hold_ratio <= 1:
-            raise SpecserveError(
-                f"--prefill-hold-steps must be at least 0 (not {self.prefill_hold_steps}) and "
-                f"--prefill-hold-ratio within (0, 1] (not {self.prefill_hold_ratio})"
-            )
+        if self.prefill_hold_steps < 0:
+            raise SpecserveError(f"--prefill-hold-steps must be at least 0, not {self.prefill_hold_steps}")
+        if not 0 < self.prefill_hold_ratio <= 1:
+            raise SpecserveError(f"--prefill-hold-ratio must lie in (0, 1], not {self.prefill_hold_ratio}")
         if self.prefill_chunk_size < 1 or self.max_num_batched_tokens < self.prefill_chunk_size:
             raise SpecserveError(
                 "--max-num-batched-tokens must be at least the prefill chunk size "

@@ -26,7 +26,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="while the batch decodes, hold new requests up to N steps so that several join in "
                             "one step (default 0: admit at once)")
     group.add_argument("--prefill-hold-ratio", type=float, default=SchedulerConfig.prefill_hold_ratio,
-                       metavar="R", help="with --prefill-hold-steps: admit once R x running requests wait")
+                       metavar="R", help="with --prefill-hold-steps: admit once R x running requests wait "
+                       "and there is room for them")
     group.add_argument("--max-num-batched-tokens", type=int, default=2048, help="most tokens in one step")
     group.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     group.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks")

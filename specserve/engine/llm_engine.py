@@ -248,7 +248,8 @@ class LLMEngine:
         # step that can only decode (nothing waiting or prefilling) counts as a decision and is
         # measured; others follow the bucket's measured rates without probing
         num_decoding = sum(not seq.is_prefilling for seq in self.scheduler.running)
-        decode_only = num_decoding == len(self.scheduler.running) and not self.scheduler.waiting
+        decode_only = num_decoding == len(self.scheduler.running) and (
+            not self.scheduler.waiting or self.scheduler.holds_queue())
         gate_open = self.gate is None or not num_decoding or self.gate.allows_drafting(num_decoding, decide=decode_only)
         plan = self.scheduler.schedule(gate_open)
         self.kv_cache.copy_blocks(plan.block_copies)

@@ -41,7 +41,7 @@ class Scheduler:
         self.kv = kv_manager
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.num_held_steps = 0  # consecutive steps the admission hold kept the queue waiting
+        self.num_held_steps = 0  # steps the admission hold kept the queue waiting since someone last joined
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -69,8 +69,11 @@ class Scheduler:
         """``drafting`` False (the engine's batch gate is closed): decode sequences that may be
         switched off get slots for their root alone."""
         budget = self.cfg.max_num_batched_tokens
-        if self.num_held_steps < 0 or not self.waiting:
+        if not self.waiting:
             self.num_held_steps = 0
+        holding = self.holds_queue()
+        if holding:
+            self.num_held_steps += 1
         scheduled: list[ScheduledSequence] = []
         copies: list[tuple[int, int]] = []
         preempted: list[Sequence] = []
@@ -95,7 +98,7 @@ class Scheduler:
             budget -= num_slots
             index += 1
 
-        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs and not self._hold():
+        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs and not holding:
             seq = self.waiting[0]
             if seq in preempted:
                 break  # do not readmit in the step that preempted it
@@ -108,26 +111,23 @@ class Scheduler:
                 seq.num_computed = 0
                 break
             self.waiting.popleft()
+            self.num_held_steps = 0  # a hold ends when someone joins (not when a release finds no room)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             scheduled.append(ScheduledSequence(seq, num_slots, seq.is_prefilling))
             budget -= num_slots
         return SchedulerOutput(scheduled, copies, preempted)
 
-    def _hold(self) -> bool:
-        """True: keep the queue waiting this step (``SchedulerConfig.prefill_hold_steps``). Holds
-        only while every running sequence decodes; once ceil(ratio x running) requests could
-        join (waiting, and room for them), or after ``prefill_hold_steps`` held steps, every
-        request that fits joins in this step."""
-        if self.cfg.prefill_hold_steps == 0 or self.num_held_steps < 0:
-            return False  # off, or already released this step
+    def holds_queue(self) -> bool:
+        """Whether the admission hold (``SchedulerConfig.prefill_hold_steps``) keeps every waiting
+        request out of the next step; no state changes. It holds only while every running
+        sequence decodes and fewer than ceil(ratio x running) requests could join (waiting, with
+        room for them: near ``max_num_seqs`` it waits for room to grow), for at most
+        ``prefill_hold_steps`` steps; a release that admits nobody (no free KV blocks) leaves the
+        count at the limit, so the next step releases again."""
+        if self.cfg.prefill_hold_steps == 0 or not self.waiting or self.num_held_steps >= self.cfg.prefill_hold_steps:
+            return False
         if not self.running or any(seq.is_prefilling for seq in self.running):
-            self.num_held_steps = -1
-            return False
+            return False  # an idle engine, or a prompt rides in this step anyway
         admissible = min(len(self.waiting), self.cfg.max_num_seqs - len(self.running))
-        enough = max(1, math.ceil(self.cfg.prefill_hold_ratio * len(self.running)))
-        if admissible >= enough or self.num_held_steps >= self.cfg.prefill_hold_steps:
-            self.num_held_steps = -1  # released: the rest of this step's admissions go ahead
-            return False
-        self.num_held_steps += 1
-        return True
+        return admissible < max(1, math.ceil(self.cfg.prefill_hold_ratio * len(self.running)))

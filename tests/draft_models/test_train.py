@@ -93,7 +93,9 @@ def test_tiny_feature_draft_run(tiny_run, smollm):
     assert manifest["init_draft"]["draft"] == "tiny-draft-1" and manifest["init_draft"]["steps"] == 12
     boost = manifest["boost"]  # boosted against the saved draft as if it had trained first in this run
     assert boost["earlier_drafts"] == 1 and boost["boosted_against"] == [str(folder / "tiny-draft-1")]
-    assert boost["weight_max"] == manifests[1]["boost"]["weight_max"] > 1.0
+    assert (boost["weight_min"], boost["weight_max"]) == (manifests[1]["boost"]["weight_min"],
+                                                          manifests[1]["boost"]["weight_max"])
+    assert boost["weight_max"] > 1.0
     assert manifest["data"]["samples"]["reused_from_cache"] is True
     training = manifest["training"]
     assert training["final_loss"] < training["first_loss"] and training["feature_passes"] == 2
@@ -102,6 +104,22 @@ def test_tiny_feature_draft_run(tiny_run, smollm):
     assert heldout["top1_agreement"] == heldout["top1_agreement_by_depth"][0]
     assert heldout["engine"]["status"] == "measured" and heldout["engine"]["identical_to_greedy"] == 2
     assert type(load_draft(folder / "tiny-feature-1", smollm)).__name__ == "FeatureDraft"
+
+
+def test_token_draft_boosted_against_a_feature_draft(tiny_run, smollm):
+    """--boost-against a saved feature draft: its depth-1 ranks need the target's states, which
+    teacher forcing keeps for the training set alone (and only for those ranks)."""
+    _, _, folder = tiny_run
+    if not (folder / "tiny-feature-1").is_dir():
+        pytest.skip("needs test_tiny_feature_draft_run's draft")
+    argv = ["--device", "cpu", "--tiny", "--steps", "2", "--no-engine-eval", "--name", "tiny-boosted",
+            "--out-dir", str(folder), "--samples", str(folder / "samples.jsonl"),
+            "--boost-against", str(folder / "tiny-feature-1"), "--boost-against", str(folder / "tiny-draft-1")]
+    (manifest,) = run(config_from_args(argv), loaded=smollm)
+    boost = manifest["boost"]
+    assert boost["earlier_drafts"] == 2 and [p.rsplit("/", 1)[1] for p in boost["boosted_against"]] == [
+        "tiny-feature-1", "tiny-draft-1"]
+    assert boost["weight_max"] > 1.0 and manifest["training"]["steps"] == 2
 
 
 # Without AVX-512, torch's CPU bfloat16 matmuls take a slow path: on a 2-core AVX2 machine the

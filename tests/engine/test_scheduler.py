@@ -47,7 +47,7 @@ def test_the_hold_waits_for_a_quarter_of_the_batch_then_admits_them_together():
     assert decode_step(scheduler) == [] and scheduler.num_held_steps == 1
     assert decode_step(scheduler) == [] and scheduler.num_held_steps == 2
     scheduler.add(request("b"))
-    assert decode_step(scheduler) == ["a", "b"] and scheduler.num_held_steps == -1
+    assert decode_step(scheduler) == ["a", "b"] and scheduler.num_held_steps == 0  # joined: the hold ends
     assert decode_step(scheduler) == [] and scheduler.num_held_steps == 0  # queue empty: nothing held
 
 
@@ -56,6 +56,19 @@ def test_the_hold_lets_a_lone_request_in_after_the_step_limit():
     scheduler = running_batch(cfg, [f"r{i}" for i in range(8)])
     scheduler.add(request("a"))
     assert [decode_step(scheduler) for _ in range(4)] == [[], [], [], ["a"]]
+
+
+def test_a_release_that_finds_no_free_blocks_does_not_start_a_new_hold():
+    cfg = SchedulerConfig(max_num_seqs=16, prefill_hold_steps=2)
+    scheduler = Scheduler(cfg, KVCacheManager(8, 16, enable_prefix_caching=False))
+    for i in range(8):  # one block each: the pool is full
+        scheduler.add(request(f"r{i}"))
+    decode_step(scheduler)
+    scheduler.add(request("a"))  # ceil(0.25 * 8) = 2 could join? 1 waits: held 2 steps, then no blocks
+    assert [decode_step(scheduler) for _ in range(3)] == [[], [], []]
+    assert scheduler.num_held_steps == 2 and not scheduler.holds_queue()
+    scheduler.remove(scheduler.running[0])  # a block frees: "a" joins in the very next step
+    assert decode_step(scheduler) == ["a"] and scheduler.num_held_steps == 0
 
 
 def test_the_hold_never_delays_an_idle_engine_and_counts_only_requests_with_room():
@@ -81,7 +94,7 @@ def test_the_hold_does_not_wait_while_a_prompt_is_still_prefilling():
     scheduler.add(request("b"))  # long's last chunk: still prefilling, still no hold
     assert decode_step(scheduler) == ["long", "b"]
     scheduler.add(request("c"))  # all five decode now: held
-    assert decode_step(scheduler) == [] and scheduler.num_held_steps == 1
+    assert decode_step(scheduler) == [] and scheduler.num_held_steps == 1 and scheduler.holds_queue()
 
 
 def serve(engine, prompts: list[list[int]], lengths: list[int], in_flight: int) -> tuple[dict[str, list[int]], int]:
