@@ -188,9 +188,10 @@ def train_draft(
     for p in own.values():
         p.data = p.data.float()
         p.requires_grad_(True)
-    fc_scale = fc_lr_scale(draft, teacher) if isinstance(draft, FeatureDraft) else 1.0
-    scales = {name: fc_scale if name.startswith("fc.") else 1.0 for name in own}
-    groups = [{"params": [own[n] for n in own if scales[n] == scale], "lr_scale": scale} for scale in set(scales.values())]
+    groups = [{"params": [p for n, p in own.items() if not n.startswith("fc.")], "lr_scale": 1.0}]
+    if isinstance(draft, FeatureDraft):  # fc at its own rate (fc_lr_scale)
+        groups.append({"params": [p for n, p in own.items() if n.startswith("fc.")],
+                       "lr_scale": fc_lr_scale(draft, teacher)})
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     use_autocast = target.dtype != torch.float32  # (a bf16 target on the CPU runs this path too)
     autocast = torch.autocast(device.type, dtype=target.dtype) if use_autocast else contextlib.nullcontext()

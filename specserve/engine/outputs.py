@@ -40,6 +40,9 @@ class RequestOutput:
         return 1.0 + self.num_accepted_tokens / self.num_steps if self.num_steps else 0.0
 
 
+STEP_KINDS = ("prefill", "drafting", "plain")  # every value of StepStats.kind
+
+
 @dataclass(frozen=True)
 class StepStats:
     """Timing of one engine step (host clock; the verify read of accepted tokens syncs the device)."""

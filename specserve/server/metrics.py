@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from specserve.engine.outputs import RequestOutput, StepStats
+from specserve.engine.outputs import STEP_KINDS, RequestOutput, StepStats
 
-STEP_KINDS = ("prefill", "drafting", "plain")  # StepStats.kind's values
 STEP_BUCKETS = (0.0005, 0.001, 0.0015, 0.002, 0.0025, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1,
                 0.25, 1.0)
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
