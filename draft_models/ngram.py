@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
 
 from draft_models.base import DraftRequest
 from specserve.tree import TokenTree
@@ -244,10 +245,16 @@ class NgramCorpus:
 class NgramDrafter:
     needs_target_states = False
 
-    def __init__(self, ngram_max: int = 4, ngram_min: int = 1, max_paths: int = 4, corpus_tokens: int = 0) -> None:
-        """``corpus_tokens``: tokens of released sequences kept for lookups across requests (0: none)."""
+    def __init__(self, ngram_max: int = 4, ngram_min: int = 1, max_paths: int = 4, corpus_tokens: int = 0,
+                 score: float | None = None) -> None:
+        """``corpus_tokens``: tokens of released sequences kept for lookups across requests (0: none).
+        ``score``: trees carry node scores ``score ** depth`` (a merge then weighs them against
+        model drafters' path probabilities); None: unscored trees."""
         if not 1 <= ngram_min <= ngram_max:
             raise ValueError("ngram sizes need 1 <= ngram_min <= ngram_max")
+        if score is not None and not 0 < score <= 1:
+            raise ValueError(f"an n-gram score must lie in (0, 1], not {score}")
+        self.score = score
         self.ngram_max = ngram_max
         self.ngram_min = ngram_min
         self.max_paths = max_paths
@@ -275,7 +282,10 @@ class NgramDrafter:
             paths = index.continuations(request.max_depth, self.max_paths)
             if self.corpus is not None and not request.own_context_only:
                 paths += self.corpus.continuations(index.tokens, request.max_depth, self.max_paths, paths)
-            trees.append(tree_from_paths_within_budget(root, paths, request.max_tree_tokens))
+            tree = tree_from_paths_within_budget(root, paths, request.max_tree_tokens)
+            if self.score is not None:
+                tree = replace(tree, node_scores=tuple(self.score**depth for depth in tree.depths()))
+            trees.append(tree)
         return trees
 
     def commit(self, seq_id: str, num_committed: int) -> None:

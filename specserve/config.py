@@ -248,6 +248,7 @@ class SpeculationParams:
             )
 
 
+MERGE_RULES = ("max", "noisy_or")
 SPECULATION_METHODS = ("off", "ngram", "early_exit", "draft", "merge")
 TREE_SHAPES = ("static", "dynamic", "chain")
 
@@ -289,6 +290,12 @@ class SpeculativeConfig:
     ngram_max / ngram_min  ngram only: longest / shortest suffix to match in the context
     ngram_corpus     ngram only: tokens of finished requests (prompt and output) kept to draft
                      from across requests, after a request's own context (0: none)
+    ngram_score      ngram: each draft node's estimated chance of acceptance is
+                     ngram_score ** depth, so that a merge with model drafters weighs n-gram
+                     paths against their path probabilities (null: unscored, and a merge with
+                     an n-gram member takes paths round-robin)
+    merge_rule       merge by score: a node several members propose scores "max" (the best
+                     member's) or "noisy_or" (1 - prod(1 - score): agreement counts)
     """
 
     method: str = "off"
@@ -305,6 +312,8 @@ class SpeculativeConfig:
     ngram_max: int = 4
     ngram_min: int = 1
     ngram_corpus: int = 65536
+    ngram_score: float | None = None
+    merge_rule: str = "max"
     switch_off: bool = True
     switch_off_window: int = 8
     probe_interval: int = 16
@@ -341,6 +350,11 @@ class SpeculativeConfig:
             raise SpecserveError("ngram sizes need 1 <= ngram_min <= ngram_max")
         if not 0 <= self.ngram_corpus <= 1 << 24:
             raise SpecserveError("ngram_corpus must lie between 0 and 16777216 tokens")
+        if self.ngram_score is not None and (isinstance(self.ngram_score, bool) or not isinstance(self.ngram_score, int | float)
+                                            or not 0 < self.ngram_score <= 1):
+            raise SpecserveError(f"ngram_score must lie in (0, 1] or be null, not {self.ngram_score!r}")
+        if self.merge_rule not in MERGE_RULES:
+            raise SpecserveError(f"merge_rule must be one of {', '.join(MERGE_RULES)}, not {self.merge_rule!r}")
         if self.switch_off_window < 2 or self.probe_interval < 1:
             raise SpecserveError("switch_off_window must be at least 2 and probe_interval at least 1")
 

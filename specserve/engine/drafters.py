@@ -18,11 +18,13 @@ class MergedDrafter:
     its ``drafters`` gets nothing from the others (they still see it, with a zero budget, so a
     model drafter's cache keeps up with the sequence)."""
 
-    def __init__(self, drafters: list[Drafter], names: tuple[str, ...]) -> None:
+    def __init__(self, drafters: list[Drafter], names: tuple[str, ...], rule: str = "max") -> None:
+        """``rule``: how a node several members propose scores (``merge_trees``)."""
         if len(drafters) != len(names):
             raise ValueError("one name per merged drafter")
         self.drafters = drafters
         self.names = names
+        self.rule = rule
         self.needs_target_states = any(d.needs_target_states for d in drafters)
 
     def propose(self, requests: list[DraftRequest]) -> list[TokenTree]:
@@ -32,7 +34,7 @@ class MergedDrafter:
             for drafter, name in zip(self.drafters, self.names)
         ]
         return [
-            merge_trees([trees[i] for trees in proposals], request.max_tree_tokens)
+            merge_trees([trees[i] for trees in proposals], request.max_tree_tokens, self.rule)
             for i, request in enumerate(requests)
         ]
 
@@ -80,11 +82,13 @@ def make_drafter(
         return None
     if cfg.method == "merge":
         return MergedDrafter([make_drafter(cfg.with_method(m), loaded, num_blocks, block_size, max_num_seqs,
-                                           select_counts, graph_buckets) for m in cfg.merge], cfg.member_kinds)
+                                           select_counts, graph_buckets) for m in cfg.merge], cfg.member_kinds,
+                             cfg.merge_rule)
     if cfg.method == "ngram":
         from draft_models.ngram import NgramDrafter
 
-        return NgramDrafter(cfg.ngram_max, cfg.ngram_min, max_paths=max(cfg.widths), corpus_tokens=cfg.ngram_corpus)
+        return NgramDrafter(cfg.ngram_max, cfg.ngram_min, max_paths=max(cfg.widths), corpus_tokens=cfg.ngram_corpus,
+                            score=cfg.ngram_score)
     from draft_models.model_drafter import ModelDrafter
 
     tree_slots = 1 + cfg.max_depth * max(cfg.top_k, max(cfg.widths)) ** 2 + cfg.max_tree_tokens

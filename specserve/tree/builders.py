@@ -190,12 +190,12 @@ def best_num_nodes(path_probs: list[float], step_cost: list[float]) -> int:
     return best_n
 
 
-def merge_trees(trees: list[TokenTree], max_nodes: int) -> TokenTree:
+def merge_trees(trees: list[TokenTree], max_nodes: int, rule: str = "max") -> TokenTree:
     """One tree from several drafters' trees of the same root, identical paths deduplicated,
     at most ``max_nodes`` draft nodes.
 
     When every tree that drafts anything carries ``node_scores``, the merge keeps the
-    ``max_nodes`` nodes of highest score, a node shared by several trees scoring its best
+    ``max_nodes`` nodes of highest score, a node shared by several trees scoring by ``rule``
     (``merge_by_score``). Otherwise paths are taken round-robin, each tree's in node order."""
     if not trees:
         raise ValueError("nothing to merge")
@@ -204,26 +204,39 @@ def merge_trees(trees: list[TokenTree], max_nodes: int) -> TokenTree:
         raise ValueError("merged trees must share their root")
     drafting = [tree for tree in trees if tree.num_nodes > 1]
     if drafting and all(tree.node_scores is not None for tree in drafting):
-        return merge_by_score(drafting, max_nodes)
+        return merge_by_score(drafting, max_nodes, rule)
     per_tree = [[[tree.token_ids[i] for i in path[1:]] for path in tree.paths()] for tree in trees]
     interleaved = [paths[k] for k in range(max(map(len, per_tree))) for paths in per_tree if k < len(paths)]
     return tree_from_paths_within_budget(root, [p for p in interleaved if p], max_nodes)
 
 
-def merge_by_score(trees: list[TokenTree], max_nodes: int) -> TokenTree:
-    """The union of scored trees of one root (a node is its token path; its score the best any
-    tree gives it), cut to the ``max_nodes`` best draft nodes (ties: shallower, then first seen).
+def merge_by_score(trees: list[TokenTree], max_nodes: int, rule: str = "max") -> TokenTree:
+    """The union of scored trees of one root (a node is its token path), cut to the
+    ``max_nodes`` best draft nodes (ties: shallower, then first seen). A node several trees
+    hold scores, by ``rule``, "max": the best any tree gives it; "noisy_or": 1 - prod(1 - s)
+    over the trees' scores s (drafters that agree on a node make it likelier).
 
     The kept set is ancestor-closed: within a tree a node's score is capped at its parent's
-    (a NaN counts as 0), so the best over trees never exceeds the parent's either, and a tie
-    goes to the shallower node."""
+    (a NaN counts as 0), and both rules are monotone in every tree's score while a node's
+    parent lies in every tree the node does, so a merged score never exceeds the parent's
+    either; a tie goes to the shallower node."""
+    if rule not in ("max", "noisy_or"):
+        raise ValueError(f"unknown merge rule {rule!r}: max or noisy_or")
     score: dict[tuple[int, ...], float] = {}
     for tree in trees:
         capped: list[float] = []
+        own_best: dict[tuple[int, ...], float] = {}  # a token path twice in one tree counts once
         for i, (key, parent) in enumerate(zip(tree.token_paths(), tree.parents)):
-            own = 0.0 if math.isnan(tree.node_scores[i]) else tree.node_scores[i]
+            own = 0.0 if math.isnan(tree.node_scores[i]) else min(1.0, max(0.0, tree.node_scores[i]))
             capped.append(own if parent == -1 else min(own, capped[parent]))
-            score[key] = max(score.get(key, 0.0), capped[i])
+            own_best[key] = max(own_best.get(key, 0.0), capped[i])
+        for key, value in own_best.items():
+            if key not in score:
+                score[key] = value
+            elif rule == "max":
+                score[key] = max(score[key], value)
+            else:
+                score[key] = 1.0 - (1.0 - score[key]) * (1.0 - value)
     ranked = sorted((key for key in score if key), key=lambda key: (-score[key], len(key)))[:max_nodes]
     inner = {key[:-1] for key in ranked}
     leaves = [key for key in ranked if key not in inner]  # best first: the best path gets the first nodes

@@ -43,6 +43,18 @@ def test_propose_builds_budgeted_tree_rooted_at_last_token():
     assert empty == TokenTree((3,), (-1,))
 
 
+def test_a_scored_drafter_gives_each_node_its_score_to_the_power_of_its_depth():
+    tokens = [4, 5, 6, 7, 4, 5, 8, 9, 4, 5]
+    request = DraftRequest("s", tokens, max_tree_tokens=5, max_depth=3)
+    (tree,) = NgramDrafter(ngram_max=2, max_paths=2, score=0.5).propose([request])
+    assert tree == TokenTree.from_paths(5, [[8, 9, 4], [6, 7]])  # the unscored drafter's tree
+    assert tree.node_scores == (1.0, 0.5, 0.25, 0.125, 0.5, 0.25)
+    assert NgramDrafter(ngram_max=2, max_paths=2).propose([request])[0].node_scores is None
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="score"):
+            NgramDrafter(score=bad)
+
+
 def test_the_incremental_index_equals_a_full_scan_at_every_step():
     """One sequence growing by 1-3 tokens a step (as accepted drafts extend it) over a small
     alphabet, so suffixes recur; the kept index must answer what a scan answers."""

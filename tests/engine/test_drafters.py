@@ -56,3 +56,17 @@ def test_merge_members_name_several_trained_drafts():
     for bad in (["ngram"], ["ngram", "draft:"], ["ngram", "beam"], ["ngram", 3]):
         with pytest.raises(SpecserveError, match="merge"):
             SpeculativeConfig(method="merge", merge=tuple(bad))
+
+
+def test_ngram_score_and_merge_rule_reach_the_drafters_and_bad_values_are_refused():
+    from specserve.engine.drafters import make_drafter
+
+    cfg = SpeculativeConfig.parse('{"method": "merge", "merge": ["ngram", "ngram"], "ngram_score": 0.6, '
+                                  '"merge_rule": "noisy_or"}')
+    merged = make_drafter(cfg, loaded=None, num_blocks=8, block_size=4, max_num_seqs=2)
+    assert merged.rule == "noisy_or" and [d.score for d in merged.drafters] == [0.6, 0.6]
+    assert make_drafter(SpeculativeConfig(method="ngram"), None, 8, 4, 2).score is None
+    for field, bad in (("ngram_score", 0), ("ngram_score", 1.5), ("ngram_score", True), ("ngram_score", "0.5"),
+                       ("merge_rule", "sum")):
+        with pytest.raises(SpecserveError, match=field):
+            SpeculativeConfig(method="ngram", **{field: bad})

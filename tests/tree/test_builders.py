@@ -144,6 +144,21 @@ def test_merge_by_score_takes_a_shared_node_at_its_best_score():
     assert merge_trees([a, b], max_nodes=1).node_scores == (1.0, 0.9)
 
 
+def test_noisy_or_merge_lets_agreeing_drafters_outrank_one_confident_drafter():
+    a = scored([[2, 3], [5]], {(2,): 0.6, (2, 3): 0.5, (5,): 0.7})
+    b = scored([[2, 3], [6]], {(2,): 0.5, (2, 3): 0.5, (6,): 0.1})
+    # max: 2 .6, 2-3 .3, 5 .7, 6 .1; noisy_or: 2 1-.4*.5=.8, 2-3 1-.7*.75=.475, 5 .7, 6 .1
+    assert merge_trees([a, b], max_nodes=2) == TokenTree.from_paths(1, [[5], [2]])
+    merged = merge_trees([a, b], max_nodes=3, rule="noisy_or")
+    assert merged == TokenTree.from_paths(1, [[5], [2, 3]])  # leaves best first: 5 (.7), 2-3 (.475)
+    assert merged.node_scores == pytest.approx((1.0, 0.7, 0.8, 0.475))
+    # a token path twice in one tree (two children with one token) counts once
+    twice = TokenTree((1, 2, 2), (-1, 0, 0), node_scores=(1.0, 0.5, 0.5))
+    assert merge_trees([twice, scored([[7]], {(7,): 0.1})], 1, rule="noisy_or").node_scores == (1.0, 0.5)
+    with pytest.raises(ValueError, match="merge rule"):
+        merge_trees([a, b], 3, rule="sum")
+
+
 def test_merge_by_score_caps_rising_or_nan_scores_at_the_parent_and_keeps_first_seen_on_ties():
     rising = TokenTree((1, 2, 3, 4), (-1, 0, 1, 0), node_scores=(1.0, 0.2, 0.9, 0.2))  # 2-3 above its parent
     broken = TokenTree((1, 5, 6), (-1, 0, 1), node_scores=(1.0, float("nan"), 0.5))
