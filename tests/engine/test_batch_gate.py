@@ -4,6 +4,7 @@ import pytest
 
 from specserve.config import SamplingParams, SpeculativeConfig
 from specserve.engine.batch_gate import (
+    MARGIN,
     MAX_BACKOFF,
     MIN_BATCH,
     MIN_SAMPLES,
@@ -115,12 +116,15 @@ def test_engine_gate_closed_keeps_greedy_output_and_steps_plain(make_engine, cha
 
 def test_steps_that_also_prefill_follow_the_verdict_without_counting_or_probing():
     gate = BatchGate(interval=4)
-    assert gate.allows_drafting(16, decide=False) is True  # nothing measured: draft
+    assert gate.allows_drafting(16, decide=False) is False  # nothing measured: plain
+    assert gate.allows_drafting(7, decide=False) is True  # below MIN_BATCH: never gated
     assert gate.rates == {}  # no decision counted
     run(gate, 16, 40, drafting_s=2.0, plain_s=1.0)  # drafting measured to lose
     steps = gate.rates[16].num_steps
     assert [gate.allows_drafting(16, decide=False) for _ in range(8)] == [False] * 8  # no drafting probes
     assert gate.rates[16].num_steps == steps
+    run(gate, 32, 40, drafting_s=1.0, plain_s=2.0)  # drafting measured to win at 32
+    assert gate.allows_drafting(32, decide=False) is True
 
 
 def test_a_closed_step_in_which_never_gated_requests_drafted_is_not_measured(make_engine, chat_ids):
@@ -145,3 +149,18 @@ def test_a_closed_step_in_which_never_gated_requests_drafted_is_not_measured(mak
     # closed steps that drafted (the seeded request) are never recorded; every other one is
     assert all(recorded == (gate_open or not drafted) for gate_open, drafted, recorded in counts)
     assert any(not gate_open and drafted for gate_open, drafted, _ in counts)
+
+
+def test_drafting_must_win_by_the_margin():
+    assert MARGIN == 0.1
+    # 5% cheaper a token: inside the margin, so the bucket closes once both rates are known
+    gate = BatchGate(interval=4)
+    decisions = run(gate, 16, 40, drafting_s=0.95, plain_s=1.0)
+    assert gate.drafting_pays(16) is False
+    # learning alternates over steps 0-7, then drafting probes 4, 8, 16 steps apart
+    assert [i for i, drafted in enumerate(decisions) if drafted] == [0, 2, 4, 6, 10, 18, 34]
+    # 20% cheaper: open, but for the plain refresh probes
+    gate = BatchGate(interval=4)
+    decisions = run(gate, 16, 40, drafting_s=0.8, plain_s=1.0)
+    assert [i for i, drafted in enumerate(decisions) if not drafted] == [1, 3, 5, 7, 15, 31]  # every 16th step plain
+    assert gate.drafting_pays(16) is True
