@@ -5,13 +5,16 @@ flight the n-gram server's prompt-carrying and drafting steps took 10-20 ms, its
 4-5 ms, and nothing said whether the forward or the host made the difference.
 
     python -m bench.step_buckets --model default                  # on the GPU
-    python -m bench.step_buckets --device cpu --repeats 1 --case 2x1  # smoke run (tiny model)
+    python -m bench.step_buckets --random-shape --device cuda     # no weights needed: the same shapes
+    python -m bench.step_buckets --device cpu --repeats 1 --case 2x1  # smoke run
 
 A case is written DxT[+KxL]: D decoding sequences of T tree tokens each (a chain) over
 ``--context`` cached tokens, plus K prompts of L tokens prefilled from position 0. Per case:
 the graph bucket (S sequences, T tokens; "eager" when none fits), the median seconds of
 ``ModelRunner.run`` with the host read every step ends with (argmax of the logit rows), and
-with ``--profile`` the CUDA kernels of one run, longest first.
+with ``--profile`` the CUDA kernels of one run, longest first. ``--random-shape``: the default
+model's shape (SmolLM2-135M) with RANDOM weights (bf16 on CUDA), which costs the same per forward
+and needs no model file (the results say so).
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from bench.common import environment, save_json, sync
 from specserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from specserve.engine.llm_engine import LLMEngine
 from specserve.engine.model_runner import TreeBatchItem
-from specserve.models.loader import load_model
+from specserve.models.config import LlamaArchConfig
+from specserve.models.loader import LoadedModel, load_model, random_model, resolve_device
 from specserve.tree import TokenTree
 
 DEFAULT_CASES = (
@@ -39,6 +43,9 @@ DEFAULT_CASES = (
     "15x1+3x113", "31x1+1x113", "31x1+3x113", "29x1+3x140", "31x8+2x113",  # prompts beside a decoding batch
     "0x1+4x113",  # prompts alone
 )
+SMOLLM2_135M = LlamaArchConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+                               num_kv_heads=3, head_dim=64, max_position_embeddings=8192, rope_theta=100000.0,
+                               tie_word_embeddings=True)  # SmolLM2-135M-Instruct's shape
 CASE = re.compile(r"^(\d+)x(\d+)(?:\+(\d+)x(\d+))?$")
 
 
@@ -133,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="a model path (default: the default model)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--random-shape", action="store_true",
+                        help="SmolLM2-135M's shape with RANDOM weights (bf16 on CUDA, fp32 on the CPU)")
     parser.add_argument("--case", action="append", default=None, help="DxT[+KxL], repeatable (default: a set of 13)")
     parser.add_argument("--context", type=int, default=256, help="cached tokens of every decoding sequence")
     parser.add_argument("--repeats", type=int, default=20)
@@ -153,7 +162,15 @@ def main(argv: list[str] | None = None) -> int:
     too_many = [c.name for c in cases if c.num_decode + c.num_prompts > args.max_num_seqs]
     if too_many:
         parser.error(f"cases {too_many} have more sequences than --max-num-seqs {args.max_num_seqs}")
-    engine = LLMEngine(config, loaded=load_model(config.model))
+    if args.random_shape:
+        device = resolve_device(args.device)
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        arch = SMOLLM2_135M
+        loaded = LoadedModel(random_model(arch, device, dtype), None, arch, "smollm2-135m-shape-RANDOM-weights",
+                             device, dtype, arch.max_position_embeddings, ())
+    else:
+        loaded = load_model(config.model)
+    engine = LLMEngine(config, loaded=loaded)
     results = []
     print(f"{engine.loaded.name} on {engine.loaded.device} ({engine.loaded.dtype}), context {args.context}, "
           f"median of {args.repeats}; graphs captured: {engine.num_graphs_captured}")

@@ -31,3 +31,13 @@ def test_cases_beyond_max_num_seqs_are_refused_before_loading(capsys):
     with pytest.raises(SystemExit):
         step_buckets.main(["--device", "cpu", "--max-num-seqs", "2", "--case", "2x1+1x4"])
     assert "more sequences than --max-num-seqs" in capsys.readouterr().err
+
+
+def test_the_random_shape_is_the_default_models():
+    from dataclasses import replace
+
+    from specserve.config import ModelConfig
+    from specserve.models.loader import load_model
+
+    arch = load_model(ModelConfig(device="cpu")).arch
+    assert replace(arch, bos_token_id=None, eos_token_ids=(), rms_norm_eps=1e-5) == step_buckets.SMOLLM2_135M  # eps: float32 in the GGUF
