@@ -13,7 +13,7 @@ A case is written DxT[+KxL]: D decoding sequences of T tree tokens each (a chain
 the graph bucket (S sequences, T tokens; "eager" when none fits), the median seconds of
 ``ModelRunner.run`` with the host read every step ends with (argmax of the logit rows), and
 with ``--profile`` the CUDA kernels of one run, longest first. ``--random-shape``: the default
-model's shape (SmolLM2-135M) with RANDOM weights (bf16 on CUDA), which costs the same per forward
+model's shape (SmolLM2-135M) with RANDOM weights (``--dtype``; auto: bf16 on CUDA), which costs the same per forward
 and needs no model file (the results say so).
 """
 
@@ -34,7 +34,13 @@ from specserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerCo
 from specserve.engine.llm_engine import LLMEngine
 from specserve.engine.model_runner import TreeBatchItem
 from specserve.models.config import LlamaArchConfig
-from specserve.models.loader import LoadedModel, load_model, random_model, resolve_device
+from specserve.models.loader import (
+    LoadedModel,
+    load_model,
+    random_model,
+    resolve_device,
+    resolve_dtype,
+)
 from specserve.tree import TokenTree
 
 DEFAULT_CASES = (
@@ -139,9 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="a model path (default: the default model)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--random-shape", action="store_true",
-                        help="SmolLM2-135M's shape with RANDOM weights (bf16 on CUDA, fp32 on the CPU)")
+                        help="SmolLM2-135M's shape with RANDOM weights in --dtype (auto: bf16 on CUDA, fp32 on the CPU)")
     parser.add_argument("--case", action="append", default=None, help="DxT[+KxL], repeatable (default: a set of 13)")
     parser.add_argument("--context", type=int, default=256, help="cached tokens of every decoding sequence")
     parser.add_argument("--repeats", type=int, default=20)
@@ -164,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"cases {too_many} have more sequences than --max-num-seqs {args.max_num_seqs}")
     if args.random_shape:
         device = resolve_device(args.device)
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        dtype = resolve_dtype(args.dtype, device)
         arch = SMOLLM2_135M
         loaded = LoadedModel(random_model(arch, device, dtype), None, arch, "smollm2-135m-shape-RANDOM-weights",
                              device, dtype, arch.max_position_embeddings, ())

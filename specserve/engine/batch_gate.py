@@ -79,18 +79,22 @@ class BucketRates:
     @property
     def drafting_wins(self) -> bool:
         """Both rates known and drafting's, with ``MARGIN``, at most the plain one."""
-        return (self.drafting_s is not None and self.plain_s is not None
-                and self.drafting_s * (1 + MARGIN) <= self.plain_s)
+        return self.drafting_s is not None and self.plain_s is not None and _wins(self.drafting_s, self.plain_s)
 
     def add(self, drafted: bool, seconds_per_token: float) -> None:
         if drafted:
-            if self.plain_s is not None and seconds_per_token * (1 + MARGIN) <= self.plain_s:
+            if self.plain_s is not None and _wins(seconds_per_token, self.plain_s):
                 self.probe_every = 0  # this drafting step paid: probe again soon
             self.drafting_s = _ema(self.drafting_s, seconds_per_token)
             self.num_drafting += 1
         else:
             self.plain_s = _ema(self.plain_s, seconds_per_token)
             self.num_plain += 1
+
+
+def _wins(drafting_s: float, plain_s: float) -> bool:
+    """Drafting's seconds per token beat the plain rate by ``MARGIN``."""
+    return drafting_s * (1 + MARGIN) <= plain_s
 
 
 def _ema(rate: float | None, value: float) -> float:

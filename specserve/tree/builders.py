@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from specserve.config import MERGE_RULES
 from specserve.tree.token_tree import TokenTree
 
 Candidates = list[tuple[int, float]]  # (token_id, draft probability), most likely first
@@ -220,8 +221,8 @@ def merge_by_score(trees: list[TokenTree], max_nodes: int, rule: str = "max") ->
     (a NaN counts as 0), and both rules are monotone in every tree's score while a node's
     parent lies in every tree the node does, so a merged score never exceeds the parent's
     either; a tie goes to the shallower node."""
-    if rule not in ("max", "noisy_or"):
-        raise ValueError(f"unknown merge rule {rule!r}: max or noisy_or")
+    if rule not in MERGE_RULES:
+        raise ValueError(f"unknown merge rule {rule!r}: {' or '.join(MERGE_RULES)}")
     score: dict[tuple[int, ...], float] = {}
     for tree in trees:
         capped: list[float] = []
