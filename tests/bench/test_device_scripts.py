@@ -1,0 +1,116 @@
+"""bench/device/*.sh, the GPU session's calls, run here with stand-ins for python3, timeout and
+nvidia-smi: every command they would run is recorded, then each ``python3 -m bench.X`` line's
+arguments go through that module's own argument parser and each --method / --spec through the
+speculative-config parser, so a typo fails here instead of costing device minutes."""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.acceptance import parse_methods
+
+ROOT = Path(__file__).resolve().parents[2]
+DEVICE = ROOT / "bench" / "device"
+WEIGHTS = ROOT / "draft_models" / "weights"
+
+
+class _Parsed(Exception):
+    def __init__(self, namespace: argparse.Namespace) -> None:
+        self.namespace = namespace
+
+
+def _parse_only(module: str, argv: list[str], monkeypatch: pytest.MonkeyPatch) -> argparse.Namespace:
+    """``argv`` through ``bench.<module>``'s own parser (and the checks it makes right after),
+    stopped before anything loads a model."""
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        parsed = original(self, args, namespace)
+        if self.prog.startswith("python -m bench.latency") or self.prog.startswith("python -m bench.serve_compare"):
+            return parsed  # these check more after parsing; they load nothing before returning
+        raise _Parsed(parsed)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    mod = __import__(f"bench.{module}", fromlist=["main", "parse_args"])
+    try:
+        if hasattr(mod, "parse_args"):
+            result = mod.parse_args(argv)
+            return result[0] if isinstance(result, tuple) else result
+        mod.main(argv)
+    except _Parsed as stop:
+        return stop.namespace
+    except SystemExit as exc:
+        raise AssertionError(f"bench.{module} refused {argv}: exit {exc.code}") from None
+    finally:
+        monkeypatch.setattr(argparse.ArgumentParser, "parse_args", original)
+    raise AssertionError(f"bench.{module}: no parser ran")
+
+
+def _run_calls(tmp_path: Path) -> list[list[str]]:
+    """Runs call1.sh, call2.sh and call3.sh in a scratch tree; returns every python3 argv."""
+    work = tmp_path / "work"
+    (work / "bench").mkdir(parents=True)
+    shutil.copytree(DEVICE, work / "bench" / "device")
+    for half, name in (("a", "part_aa"), ("b", "part_ab")):
+        (work / ".devcarry" / half).mkdir(parents=True)
+        (work / ".devcarry" / half / name).write_bytes(b"half " + half.encode())
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    log = tmp_path / "python3.jsonl"
+    (fake / "python3").write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+                                  "with open(os.environ['FAKE_LOG'], 'a') as f:\n"
+                                  "    f.write(json.dumps(sys.argv[1:]) + '\\n')\n")
+    (fake / "timeout").write_text("#!/bin/sh\nshift\nexec \"$@\"\n")
+    (fake / "nvidia-smi").write_text("#!/bin/sh\nexit 0\n")
+    for f in fake.iterdir():
+        f.chmod(0o755)
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "FAKE_LOG": str(log), "OUT": str(out),
+           "DEVICE_CACHE": str(tmp_path / "cache"), "DEVICE_DRAFTS": str(tmp_path / "drafts")}
+    for script in ("call1.sh", "call2.sh", "call3.sh"):
+        done = subprocess.run(["bash", f"bench/device/{script}", "t"], cwd=work, env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, (script, done.stdout, done.stderr)
+    model = tmp_path / "cache" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert model.read_bytes() == b"half ahalf b"  # env.sh joined call 1's half and call 2's
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def test_every_command_of_the_device_calls_parses(tmp_path, monkeypatch):
+    argvs = _run_calls(tmp_path)
+    modules = [a[1] for a in argvs if a[:1] == ["-m"] and a[1].startswith("bench.")]
+    assert sorted(modules) == sorted(["bench.big_shape", "bench.step_buckets", "bench.latency",
+                                      "bench.acceptance", "bench.acceptance", "bench.serve_compare"])
+    drafts = tmp_path / "drafts"
+    for argv in argvs:
+        if argv[:2] == ["-m", "pytest"]:
+            assert all((ROOT / p).exists() for p in argv[2:] if p.startswith("tests/"))
+        if argv[:1] != ["-m"] or not argv[1].startswith("bench."):
+            continue
+        args = _parse_only(argv[1].removeprefix("bench."), argv[2:], monkeypatch)
+        if argv[1] == "bench.acceptance":
+            text = json.dumps(args.method).replace(str(drafts), str(WEIGHTS))
+            methods = parse_methods(json.loads(text))  # the drafts' folders as the calls name them
+            assert list(methods) == ["ngram", "feat11", "f11_ngram", "f11_ngram_p6", "f11_tok9",
+                                     "f11_tok9_or", "f11_tok9_ngram_or"]
+            assert all(m.max_tree_tokens == 64 for m in methods.values())  # #4's budget
+            assert args.max_tokens == 256 and args.num_prompts is None  # every prompt, 256 tokens
+        if argv[1] == "bench.latency":
+            assert args.max_tokens == 256 and args.temperature == 0 and args.methods == "off,ngram,hf"
+
+
+def test_env_sh_says_so_when_call_one_is_gone(tmp_path):
+    work = tmp_path / "work"
+    (work / "bench").mkdir(parents=True)
+    shutil.copytree(DEVICE, work / "bench" / "device")
+    env = {**os.environ, "DEVICE_CACHE": str(tmp_path / "cache"), "DEVICE_DRAFTS": str(tmp_path / "drafts")}
+    done = subprocess.run(["bash", "-c", "source bench/device/env.sh"], cwd=work, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3 and "redo call 1" in done.stderr
