@@ -10,7 +10,7 @@
 set -u
 tag=${1:?usage: call2.sh TAG}
 source bench/device/env.sh || exit 3
-python3 -m bench.latency --prompt-set chat --prompt-set humaneval --temperature 0 --num-prompts 10 \
+timeout 230 python3 -m bench.latency --prompt-set chat --prompt-set humaneval --temperature 0 --num-prompts 10 \
     --max-tokens 256 --warmup-tokens 32 --methods off,ngram,hf --time-budget 170 --no-plots \
     --out-dir $OUT --tag batch1_$tag 2>&1 | tail -n 30 | tee $OUT/latency_batch1_$tag.log
 K='"tree":"dynamic","top_k":8,"max_tree_tokens":64,"max_depth":12'

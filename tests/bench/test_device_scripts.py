@@ -4,6 +4,7 @@ arguments go through that module's own argument parser and each --method / --spe
 speculative-config parser, so a typo fails here instead of costing device minutes."""
 
 import argparse
+import importlib
 import json
 import os
 import shutil
@@ -26,7 +27,7 @@ class _Parsed(Exception):
 
 
 def _parse_only(module: str, argv: list[str], monkeypatch: pytest.MonkeyPatch) -> argparse.Namespace:
-    """``argv`` through ``bench.<module>``'s own parser (and the checks it makes right after),
+    """``argv`` through ``module``'s own parser (and the checks it makes right after),
     stopped before anything loads a model."""
     original = argparse.ArgumentParser.parse_args
 
@@ -37,7 +38,7 @@ def _parse_only(module: str, argv: list[str], monkeypatch: pytest.MonkeyPatch) -
         raise _Parsed(parsed)
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
-    mod = __import__(f"bench.{module}", fromlist=["main", "parse_args"])
+    mod = importlib.import_module(module)
     try:
         if hasattr(mod, "parse_args"):
             result = mod.parse_args(argv)
@@ -46,14 +47,14 @@ def _parse_only(module: str, argv: list[str], monkeypatch: pytest.MonkeyPatch) -
     except _Parsed as stop:
         return stop.namespace
     except SystemExit as exc:
-        raise AssertionError(f"bench.{module} refused {argv}: exit {exc.code}") from None
+        raise AssertionError(f"{module} refused {argv}: exit {exc.code}") from None
     finally:
         monkeypatch.setattr(argparse.ArgumentParser, "parse_args", original)
-    raise AssertionError(f"bench.{module}: no parser ran")
+    raise AssertionError(f"{module}: no parser ran")
 
 
 def _run_calls(tmp_path: Path) -> list[list[str]]:
-    """Runs call1.sh, call2.sh and call3.sh in a scratch tree; returns every python3 argv."""
+    """Runs call1.sh to call4.sh in a scratch tree; returns every python3 argv."""
     work = tmp_path / "work"
     (work / "bench").mkdir(parents=True)
     shutil.copytree(DEVICE, work / "bench" / "device")
@@ -74,7 +75,7 @@ def _run_calls(tmp_path: Path) -> list[list[str]]:
     out.mkdir()
     env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "FAKE_LOG": str(log), "OUT": str(out),
            "DEVICE_CACHE": str(tmp_path / "cache"), "DEVICE_DRAFTS": str(tmp_path / "drafts")}
-    for script in ("call1.sh", "call2.sh", "call3.sh"):
+    for script in ("call1.sh", "call2.sh", "call3.sh", "call4.sh"):
         done = subprocess.run(["bash", f"bench/device/{script}", "t"], cwd=work, env=env,
                               capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, (script, done.stdout, done.stderr)
@@ -85,16 +86,16 @@ def _run_calls(tmp_path: Path) -> list[list[str]]:
 
 def test_every_command_of_the_device_calls_parses(tmp_path, monkeypatch):
     argvs = _run_calls(tmp_path)
-    modules = [a[1] for a in argvs if a[:1] == ["-m"] and a[1].startswith("bench.")]
-    assert sorted(modules) == sorted(["bench.big_shape", "bench.step_buckets", "bench.latency",
-                                      "bench.acceptance", "bench.acceptance", "bench.serve_compare"])
+    modules = [a[1] for a in argvs if a[:1] == ["-m"] and a[1].split(".")[0] in ("bench", "draft_models")]
+    assert sorted(modules) == sorted(["bench.big_shape", "bench.step_buckets", "bench.latency", "bench.acceptance",
+                                      "bench.acceptance", "bench.serve_compare", "draft_models.train"])
     drafts = tmp_path / "drafts"
     for argv in argvs:
         if argv[:2] == ["-m", "pytest"]:
             assert all((ROOT / p).exists() for p in argv[2:] if p.startswith("tests/"))
-        if argv[:1] != ["-m"] or not argv[1].startswith("bench."):
+        if argv[:1] != ["-m"] or argv[1] not in modules:
             continue
-        args = _parse_only(argv[1].removeprefix("bench."), argv[2:], monkeypatch)
+        args = _parse_only(argv[1], argv[2:], monkeypatch)
         if argv[1] == "bench.acceptance":
             text = json.dumps(args.method).replace(str(drafts), str(WEIGHTS))
             methods = parse_methods(json.loads(text))  # the drafts' folders as the calls name them
@@ -102,6 +103,10 @@ def test_every_command_of_the_device_calls_parses(tmp_path, monkeypatch):
                                      "f11_tok9_or", "f11_tok9_ngram_or"]
             assert all(m.max_tree_tokens == 64 for m in methods.values())  # #4's budget
             assert args.max_tokens == 256 and args.num_prompts is None  # every prompt, 256 tokens
+        if argv[1] == "draft_models.train":
+            assert args.feature and args.init_draft == str(drafts / "smollm2-token9-1")
+            assert args.boost_against == [str(drafts / "smollm2-feature11-1")]
+            assert args.gen_budget_min < args.time_budget_min <= 9.5  # within one call
         if argv[1] == "bench.latency":
             assert args.max_tokens == 256 and args.temperature == 0 and args.methods == "off,ngram,hf"
 
