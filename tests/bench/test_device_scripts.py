@@ -99,13 +99,12 @@ def test_every_command_of_the_device_calls_parses(tmp_path, monkeypatch):
         if argv[1] == "bench.acceptance":
             text = json.dumps(args.method).replace(str(drafts), str(WEIGHTS))
             methods = parse_methods(json.loads(text))  # the drafts' folders as the calls name them
-            assert list(methods) == ["ngram", "feat11", "f11_ngram", "f11_ngram_p6", "f11_tok9",
-                                     "f11_tok9_or", "f11_tok9_ngram_or"]
+            assert list(methods) == ["ngram", "feat11", "f11_tok9_ngram_or", "f11_ngram", "f11_tok9_or"]
             assert all(m.max_tree_tokens == 64 for m in methods.values())  # #4's budget
             assert args.max_tokens == 256 and args.num_prompts is None  # every prompt, 256 tokens
         if argv[1] == "draft_models.train":
             assert args.feature and args.init_draft == str(drafts / "smollm2-token9-1")
-            assert args.boost_against == [str(drafts / "smollm2-feature11-1")]
+            assert args.boost_against == [str(drafts / "smollm2-feature11-1"), str(drafts / "smollm2-token9-1")]
             assert args.gen_budget_min < args.time_budget_min <= 9.5  # within one call
         if argv[1] == "bench.latency":
             assert args.max_tokens == 256 and args.temperature == 0 and args.methods == "off,ngram,hf"
