@@ -3,8 +3,8 @@
 # Joins the model's two halves (call 1 left part_aa in /root/specserve-cache; this call carries
 # .devcarry/b), installs the carried wheels, copies carried drafts to $w and exports what
 # the project's tools read. Fails with a message when call 1's half is gone (the machine went
-# cold between calls: redo call 1).
-set -e
+# cold between calls: redo call 1). No `set -e` here: it would outlive this file in the calling
+# script, and one failing step (a failed test) would end a call before its other steps.
 c=${DEVICE_CACHE:-/root/specserve-cache}
 w=${DEVICE_DRAFTS:-/root/w}
 m=$c/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -14,7 +14,7 @@ if [ ! -f $m ]; then
         echo "env.sh: no model: call 1's part_aa or this call's .devcarry/b is missing (machine went cold? redo call 1)" >&2
         return 3 2>/dev/null || exit 3
     fi
-    cat $c/part_aa .devcarry/b/part_ab > $m.tmp && mv $m.tmp $m
+    cat $c/part_aa .devcarry/b/part_ab > $m.tmp && mv $m.tmp $m || { echo "env.sh: joining the halves failed" >&2; return 3 2>/dev/null || exit 3; }
 fi
 if [ -d .devcarry/whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .devcarry/whl/*.whl

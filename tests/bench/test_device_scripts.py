@@ -66,7 +66,8 @@ def _run_calls(tmp_path: Path) -> list[list[str]]:
     log = tmp_path / "python3.jsonl"
     (fake / "python3").write_text(f"#!{sys.executable}\nimport json, os, sys\n"
                                   "with open(os.environ['FAKE_LOG'], 'a') as f:\n"
-                                  "    f.write(json.dumps(sys.argv[1:]) + '\\n')\n")
+                                  "    f.write(json.dumps(sys.argv[1:]) + '\\n')\n"
+                                  "sys.exit(1 if sys.argv[1:3] == ['-m', 'pytest'] else 0)\n")  # tests fail
     (fake / "timeout").write_text("#!/bin/sh\nshift\nexec \"$@\"\n")
     (fake / "nvidia-smi").write_text("#!/bin/sh\nexit 0\n")
     for f in fake.iterdir():
@@ -79,6 +80,8 @@ def _run_calls(tmp_path: Path) -> list[list[str]]:
         done = subprocess.run(["bash", f"bench/device/{script}", "t"], cwd=work, env=env,
                               capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, (script, done.stdout, done.stderr)
+    # a failed step (here the GPU tests) ends no call early: call 2's acceptance still ran
+    assert (out / "acceptance_t_chat.log").exists() and (out / "acceptance_t_humaneval.log").exists()
     model = tmp_path / "cache" / "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert model.read_bytes() == b"half ahalf b"  # env.sh joined call 1's half and call 2's
     return [json.loads(line) for line in log.read_text().splitlines()]
