@@ -24,12 +24,15 @@ latency (see bench.latency for that).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from bench.common import RESULTS_DIR, environment, save_json
 from bench.prompt_sets import load_prompt_set, prompt_token_ids
@@ -212,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"identical to off {summary['identical_to_off']}/{summary['num_requests']}, {wall:.1f}s",
                   file=sys.stderr, flush=True)
             del engine
+            gc.collect()  # an engine's runner and graphs refer to each other: free its KV pool now
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
             save_json(path.stem, payload, path)  # after every method: a cut-off run keeps what it measured
     save_json(path.stem, payload, path)
     if not args.no_plot:

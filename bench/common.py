@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +30,13 @@ def load_prompts(path: str | Path, limit: int | None = None) -> list[str]:
 
 
 def save_json(name: str, payload: dict[str, Any], out: str | Path | None = None) -> Path:
+    """Writes ``payload`` whole or not at all: a temporary file beside ``out``, then a rename, so a
+    run killed while saving (runs save after every step) keeps the previous complete file."""
     path = Path(out) if out else RESULTS_DIR / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
     return path
 
 

@@ -2,7 +2,8 @@
 # Call 1 of a GPU session (carry [".devcarry/a", ".devcarry/w1"]). Leaves the model's first half
 # and the token draft on the machine, then spends the call on work that needs no model file:
 # the Llama-3-8B shape and SmolLM2's shape, both with RANDOM weights (say so with their figures).
-# Usage: bash bench/device/call1.sh TAG      (TAG names the result files, e.g. s13_h100)
+# Usage: bash bench/device/call1.sh TAG [stage]   (TAG names the result files, e.g. s14_h100;
+#        "stage": only leave the half and the draft, when redoing call 1 on a machine gone cold)
 set -u
 tag=${1:?usage: call1.sh TAG}
 c=${DEVICE_CACHE:-/root/specserve-cache}
@@ -10,6 +11,7 @@ w=${DEVICE_DRAFTS:-/root/w}
 mkdir -p $c $w
 cp .devcarry/a/part_aa $c/ || { echo "call1.sh: carry .devcarry/a (bash ../shared/device/stage.sh)"; exit 3; }
 for d in .devcarry/w1/*; do [ -d "$d" ] && cp -r "$d" $w/; done
+[ "${2:-}" = stage ] && { ls -la $c; exit 0; }
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
 # #7: 8B shape (random bf16 weights): decode against the weight bytes over the copy bandwidth,

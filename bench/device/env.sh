@@ -29,4 +29,5 @@ for n in smollm2-feature11-1 smollm2-token9-1; do
     if [ ! -d $w/$n ] && [ -d draft_models/weights/$n ]; then cp -r draft_models/weights/$n $w/; fi
 done
 export F11=$w/smollm2-feature11-1 T9=$w/smollm2-token9-1
+for d in $F11 $T9; do [ -d $d ] || echo "env.sh: no draft $d (carry .devcarry/w1 or w2): methods using it will fail" >&2; done
 python3 -c "import torch, triton, transformers; print('device:', torch.cuda.get_device_name(0), '| torch', torch.__version__, '| triton', triton.__version__, '| transformers', transformers.__version__)"

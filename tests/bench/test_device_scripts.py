@@ -80,11 +80,16 @@ def _run_calls(tmp_path: Path) -> list[list[str]]:
         done = subprocess.run(["bash", f"bench/device/{script}", "t"], cwd=work, env=env,
                               capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, (script, done.stdout, done.stderr)
+    calls = log.read_text().splitlines()
+    done = subprocess.run(["bash", "bench/device/call1.sh", "t", "stage"], cwd=work, env=env,
+                          capture_output=True, text=True, timeout=60)  # redoing call 1 on a cold machine
+    assert done.returncode == 0 and (tmp_path / "cache" / "part_aa").exists()
+    assert len(log.read_text().splitlines()) == len(calls)  # "stage" ran no python3
     # a failed step (here the GPU tests) ends no call early: call 2's acceptance still ran
     assert (out / "acceptance_t_chat.log").exists() and (out / "acceptance_t_humaneval.log").exists()
     model = tmp_path / "cache" / "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert model.read_bytes() == b"half ahalf b"  # env.sh joined call 1's half and call 2's
-    return [json.loads(line) for line in log.read_text().splitlines()]
+    return [json.loads(line) for line in calls]
 
 
 def test_every_command_of_the_device_calls_parses(tmp_path, monkeypatch):
