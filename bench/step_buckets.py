@@ -48,6 +48,7 @@ DEFAULT_CASES = (
     "16x8", "32x8", "32x16",  # drafting
     "15x1+3x113", "31x1+1x113", "31x1+3x113", "29x1+3x140", "31x8+2x113",  # prompts beside a decoding batch
     "0x1+4x113",  # prompts alone
+    "16x1+16x107", "28x1+4x113",  # off's 16-prompt step at 16 in flight (past 512 tokens: eager) and a 512-token share of it
 )
 SMOLLM2_135M = LlamaArchConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
                                num_kv_heads=3, head_dim=64, max_position_embeddings=8192, rope_theta=100000.0,
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--random-shape", action="store_true",
                         help="SmolLM2-135M's shape with RANDOM weights in --dtype (auto: bf16 on CUDA, fp32 on the CPU)")
-    parser.add_argument("--case", action="append", default=None, help="DxT[+KxL], repeatable (default: a set of 13)")
+    parser.add_argument("--case", action="append", default=None, help="DxT[+KxL], repeatable (default: a set of 15)")
     parser.add_argument("--context", type=int, default=256, help="cached tokens of every decoding sequence")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--max-num-seqs", type=int, default=64, help="the engine's (decides the graph buckets)")
