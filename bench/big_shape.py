@@ -28,7 +28,7 @@ from bench.offload import LLAMA3_8B
 from specserve.config import CacheConfig, EngineConfig, ModelConfig
 from specserve.engine.calibration import measure_step_cost
 from specserve.engine.llm_engine import LLMEngine
-from specserve.models.loader import LoadedModel, random_model
+from specserve.models.loader import random_loaded
 from specserve.tree import TokenTree
 
 TINY = dataclasses.replace(LLAMA3_8B, vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
@@ -75,10 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
     arch, dtype = (TINY, torch.float32) if args.quick else (LLAMA3_8B, torch.bfloat16)
     context = min(args.context, 32) if args.quick else args.context
-    model = random_model(arch, device, dtype)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    name = "tiny-shape-random" if args.quick else "llama3-8b-shape-random"
-    loaded = LoadedModel(model, None, arch, name, device, dtype, arch.max_position_embeddings, ())
+    loaded = random_loaded(arch, device, dtype, "tiny-shape-random" if args.quick else "llama3-8b-shape-random")
+    weight_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
     engine = LLMEngine(EngineConfig(model=ModelConfig(enforce_eager=args.enforce_eager),
                                     cache=CacheConfig(kv_cache_memory_gb=0.05 if args.quick else 2.0)), loaded=loaded)
     bandwidth = device_bandwidth_gbps(device)
@@ -88,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     verify = dict(zip(tree_sizes, cost.seconds[1:]))
     result = {
         "benchmark": "big_shape", "config": vars(args), "environment": environment(),
-        "model": f"{name} (RANDOM {str(dtype).removeprefix('torch.')} weights of the real shape)",
+        "model": f"{loaded.name} (RANDOM {str(dtype).removeprefix('torch.')} weights of the real shape)",
         "weight_bytes": weight_bytes, "device_bandwidth_gbps": bandwidth, "memory_floor_s": floor,
         "cuda_graphs": engine.graph_buckets is not None, "context": context,
         "decode_s": decode, "decode_over_floor": decode / floor,

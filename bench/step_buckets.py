@@ -34,13 +34,7 @@ from specserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerCo
 from specserve.engine.llm_engine import LLMEngine
 from specserve.engine.model_runner import TreeBatchItem
 from specserve.models.config import LlamaArchConfig
-from specserve.models.loader import (
-    LoadedModel,
-    load_model,
-    random_model,
-    resolve_device,
-    resolve_dtype,
-)
+from specserve.models.loader import load_model, random_loaded, resolve_device, resolve_dtype
 from specserve.tree import TokenTree
 
 DEFAULT_CASES = (
@@ -172,9 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.random_shape:
         device = resolve_device(args.device)
         dtype = resolve_dtype(args.dtype, device)
-        arch = SMOLLM2_135M
-        loaded = LoadedModel(random_model(arch, device, dtype), None, arch, "smollm2-135m-shape-RANDOM-weights",
-                             device, dtype, arch.max_position_embeddings, ())
+        loaded = random_loaded(SMOLLM2_135M, device, dtype, "smollm2-135m-shape-RANDOM-weights")
     else:
         loaded = load_model(config.model)
     engine = LLMEngine(config, loaded=loaded)

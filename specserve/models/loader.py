@@ -151,6 +151,12 @@ def random_model(
     return model
 
 
+def random_loaded(cfg: LlamaArchConfig, device: torch.device, dtype: torch.dtype, name: str) -> LoadedModel:
+    """``random_model`` as a loaded model: no tokenizer, the shape's whole context, no EOS (speed
+    tests of a shape, not of a model: ``name`` should say the weights are random)."""
+    return LoadedModel(random_model(cfg, device, dtype), None, cfg, name, device, dtype, cfg.max_position_embeddings, ())
+
+
 def _target(name: str, cfg: LlamaArchConfig) -> tuple[str, int] | None:
     """Our parameter name and row offset for a transformers tensor name (None: skip it)."""
     if name.endswith("rotary_emb.inv_freq"):

@@ -6,6 +6,7 @@ import json
 import math
 
 from bench import big_shape
+from specserve.models.loader import random_model
 
 
 def test_heap_tree_is_a_binary_heap():
@@ -19,8 +20,8 @@ def test_quick_run_records_every_figure(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert "RANDOM" in result["model"] and result["context"] == 32 and result["cuda_graphs"] is False
     assert result["weight_bytes"] == sum(
-        p.numel() * 4 for p in big_shape.random_model(big_shape.TINY, big_shape.torch.device("cpu"),
-                                                      big_shape.torch.float32).parameters())
+        p.numel() * 4 for p in random_model(big_shape.TINY, big_shape.torch.device("cpu"),
+                                            big_shape.torch.float32).parameters())
     assert math.isnan(result["device_bandwidth_gbps"])  # no device copy off CUDA
     assert result["decode_s"] > 0 and set(result["verify_s"]) == {"4", "8"}
     for n, ratio in result["verify_over_decode"].items():

@@ -27,29 +27,25 @@ class _Parsed(Exception):
 
 
 def _parse_only(module: str, argv: list[str], monkeypatch: pytest.MonkeyPatch) -> argparse.Namespace:
-    """``argv`` through ``module``'s own parser (and the checks it makes right after),
-    stopped before anything loads a model."""
-    original = argparse.ArgumentParser.parse_args
-
-    def parse_then_stop(self, args=None, namespace=None):
-        parsed = original(self, args, namespace)
-        if self.prog.startswith("python -m bench.latency") or self.prog.startswith("python -m bench.serve_compare"):
-            return parsed  # these check more after parsing; they load nothing before returning
-        raise _Parsed(parsed)
-
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    """``argv`` through ``module``'s own parser (and the checks it makes right after), stopped
+    before anything loads a model."""
     mod = importlib.import_module(module)
     try:
-        if hasattr(mod, "parse_args"):
+        if hasattr(mod, "parse_args"):  # bench.latency, bench.serve_compare: parse and check, load nothing
             result = mod.parse_args(argv)
             return result[0] if isinstance(result, tuple) else result
-        mod.main(argv)
+        original = argparse.ArgumentParser.parse_args
+
+        def parse_then_stop(self, args=None, namespace=None):
+            raise _Parsed(original(self, args, namespace))
+
+        with monkeypatch.context() as patch:  # the rest parse inside main(): stop it there
+            patch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+            mod.main(argv)
     except _Parsed as stop:
         return stop.namespace
     except SystemExit as exc:
         raise AssertionError(f"{module} refused {argv}: exit {exc.code}") from None
-    finally:
-        monkeypatch.setattr(argparse.ArgumentParser, "parse_args", original)
     raise AssertionError(f"{module}: no parser ran")
 
 
